@@ -1,0 +1,25 @@
+# `make run` starts the service; `make test` runs every test. Both set up .venv first.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: run test install bench emulator clean
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	touch $@
+
+install: $(VENV)/.installed
+
+run: install
+	$(PY) serve.py
+
+test: install
+	$(PY) -m pytest
+
+emulator: install
+	$(PY) -m replicate_emulator --port 5099
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,0 +1,80 @@
+"""The Flask application: `create_app()` for tests and gunicorn, `python app.py` to serve.
+
+Settings are read here, when the app is created, so `gunicorn app:app` and `python app.py`
+run with the same configuration (environment, then `.env`).
+"""
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import sys
+from typing import Mapping
+
+from dotenv import dotenv_values
+from flask import Flask
+
+from errors import register_error_handlers
+from redaction import Redactor
+from routes import bp
+from service import GenerationService
+from settings import ConfigError, Settings
+
+log = logging.getLogger(__name__)
+
+
+def read_environment() -> dict[str, str]:
+    """`.env` values, overridden by the real environment."""
+    return {**{k: v for k, v in dotenv_values(".env").items() if v is not None}, **os.environ}
+
+
+def create_app(config: Mapping[str, str] | None = None) -> Flask:
+    """Build the service. `config` (variable name -> value) replaces the environment
+    entirely, so tests never pick up a developer's `.env`. Raises ConfigError."""
+    settings = Settings.from_mapping(read_environment() if config is None else config)
+    redactor = Redactor()
+    redactor.install()
+    for secret in settings.secrets:
+        redactor.add(secret)
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_content_length
+    app.json.sort_keys = False
+    app.extensions["settings"] = settings
+    app.extensions["redactor"] = redactor
+    app.extensions["generation"] = GenerationService(settings)
+    register_error_handlers(app)
+    app.register_blueprint(bp)
+    _warn_about_access(settings)
+    return app
+
+
+def _warn_about_access(settings: Settings) -> None:
+    if not settings.admin_api_key:
+        log.warning("CONCURRENT_DOCKER_ADMIN_API_KEY is not set: admin access is disabled")
+    if not settings.replicate_api_token:
+        log.warning("REPLICATE_API_TOKEN is not set: only callers with X-Replicate-API-Key can generate")
+
+
+def _build_or_exit() -> Flask:
+    try:
+        return create_app()
+    except ConfigError as exc:
+        logging.getLogger("startup").error("%s", exc)
+        sys.exit(2)
+
+
+def __getattr__(name: str) -> Flask:
+    """`app.app` is built on first access (PEP 562), so `gunicorn app:app` gets an app while
+    importing this module (as tests do) builds nothing."""
+    if name != "app":
+        raise AttributeError(name)
+    built = globals()["app"] = _build_or_exit()
+    return built
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = _build_or_exit()
+    atexit.register(app.extensions["generation"].shutdown)
+    settings = app.extensions["settings"]
+    app.run(host=settings.host, port=settings.port, threaded=True)

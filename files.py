@@ -1,0 +1,116 @@
+"""Output names and folders: client-chosen names are checked, never trusted as paths.
+
+Each request writes into a folder of its own, so concurrent requests never share a name.
+A file is written to a temporary name in that folder and linked into place only when it is
+complete, and never over an existing file.
+"""
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import time
+import unicodedata
+from pathlib import Path
+from typing import Any, Sequence
+
+from errors import ServiceError
+
+MAX_NAME = 128
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif")
+RESERVED = re.compile(r"^(con|prn|aux|nul|com[0-9]|lpt[0-9])(\..*)?$", re.IGNORECASE)
+ALLOWED_PUNCTUATION = "._- "
+NAME_RULE = ("letters, digits, '_', '-', '.' and spaces; at most 128 characters; no leading "
+             "dot or space, no '..', no path separators, no control or invisible characters, "
+             "no reserved device names")
+PART_PREFIX = ".part-"
+
+
+def _name_problem(name: Any) -> str | None:
+    if not isinstance(name, str) or not name:
+        return "must be a non-empty string"
+    if len(name) > MAX_NAME:
+        return f"is longer than {MAX_NAME} characters"
+    if unicodedata.normalize("NFKC", name) != name:
+        return "contains characters that change under Unicode normalisation"
+    if name[0] in ". " or name.endswith(" ") or ".." in name:
+        return "starts with a dot or space, ends with a space, or contains '..'"
+    for ch in name:
+        if not (ch.isalnum() or ch in ALLOWED_PUNCTUATION):
+            return f"contains the character {ch!r}"
+    if RESERVED.match(name):
+        return "is a reserved device name"
+    return None
+
+
+def stem_of(name: str) -> str:
+    """Drop an image extension the client wrote; the real one is added from the file itself."""
+    root, ext = os.path.splitext(name)
+    return root if ext.lower() in IMAGE_EXTENSIONS and root else name
+
+
+def check_names(names: Sequence[Any], field: str, outputs_each: int) -> list[str]:
+    """Validate custom names; return their stems. 400 names the index and the rule.
+
+    Names collide when equal ignoring case and image extension, or when one equals another's
+    numbered output (`car` with 2 outputs makes `car_1`, `car_2`)."""
+    stems, seen = [], {}
+    for index, name in enumerate(names):
+        problem = _name_problem(name)
+        where = f"{field}[{index}]" if field.endswith("s") else field
+        if problem:
+            raise ServiceError(400, f"Invalid {where}: {str(name)[:80]!r} {problem}; allowed: {NAME_RULE}",
+                               field=where, index=index)
+        stem = stem_of(name)
+        for produced in final_stems(stem, outputs_each):
+            key = produced.casefold()
+            if key in seen:
+                raise ServiceError(400, f"Invalid {where}: {name!r} would produce the same file "
+                                   f"name as {field}[{seen[key]}]; names must be unique",
+                                   field=where, index=index)
+            seen[key] = index
+        stems.append(stem)
+    return stems
+
+
+def final_stems(stem: str, count: int) -> list[str]:
+    return [stem] if count == 1 else [f"{stem}_{n}" for n in range(1, count + 1)]
+
+
+def default_stems(model_id: str, count: int, batch: bool) -> list[str]:
+    base = model_id.replace("-", "_")
+    if not batch:
+        return [base]
+    width = len(str(count - 1))
+    return [f"{base}_{index:0{width}d}" for index in range(count)]
+
+
+def new_request_folder(output_dir: str) -> Path:
+    """A fresh folder name for one request (created on first write)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    return Path(output_dir) / f"{stamp}-{secrets.token_hex(4)}"
+
+
+def place(temp: Path, final: Path) -> None:
+    """Move a complete file into place without ever replacing an existing one."""
+    try:
+        os.link(temp, final)  # fails with FileExistsError instead of overwriting
+    except FileExistsError:
+        os.unlink(temp)
+        raise
+    except OSError:  # a filesystem without hard links: the folder is ours alone
+        if final.exists():
+            os.unlink(temp)
+            raise FileExistsError(str(final)) from None
+        os.replace(temp, final)
+        return
+    os.unlink(temp)
+
+
+def remove_partials(output_dir: str) -> int:
+    """Delete temporary download files left by a crash; return how many."""
+    removed = 0
+    for path in Path(output_dir).glob(f"*/{PART_PREFIX}*"):
+        path.unlink(missing_ok=True)
+        removed += 1
+    return removed

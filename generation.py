@@ -1,0 +1,244 @@
+"""One generation, from its turn in the rate window to its files on disk.
+
+A `GenerationItem` is one prompt of a request; `Pipeline.run` takes it through create,
+wait (`Prefer: wait`, then paced polls), cancel at its deadline, download and placement.
+Every blocking step is bounded by the item's deadline, and a client-side timeout
+(`item.expire`) reaches the worker through `item.cancelled`, which cancels the upstream
+prediction instead of leaving it running and billing.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import random
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import httpx
+
+from concurrency_manager import Lane
+from downloads import DownloadError, Downloader
+from files import final_stems, place
+from model_functions import ModelSpec, outputs_of
+from upstream import PredictionState, UpstreamError, UpstreamSession
+
+log = logging.getLogger(__name__)
+POLL_START, POLL_GROWTH, POLL_MAX = 0.5, 1.5, 5.0
+FAIL_FAST = {400, 401, 402, 403, 404, 422}
+
+
+@dataclasses.dataclass
+class GenerationItem:
+    index: int
+    prompt: str
+    stem: str
+    data: dict[str, Any]                 # the upstream input, prompt included
+    folder: Path
+    shown_folder: str                    # the folder as responses show it
+    deadline: float                      # the request's deadline (monotonic)
+    deadline_label: str                  # which setting set it
+    timeout: float
+    files: list[str] = dataclasses.field(default_factory=list)
+    error: str | None = None
+    status: int | None = None            # an upstream status worth passing on (401/402/422)
+    invalid_fields: list | None = None
+    prediction_id: str | None = None
+    done: threading.Event = dataclasses.field(default_factory=threading.Event)
+    cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+
+    def succeed(self, files: list[str]) -> None:
+        with self.lock:
+            if not self.done.is_set():
+                self.files = files
+                self.done.set()
+
+    def fail(self, message: str, status: int | None = None, invalid_fields: list | None = None) -> None:
+        with self.lock:
+            if not self.done.is_set():
+                self.error, self.status, self.invalid_fields = message, status, invalid_fields
+                self.done.set()
+
+    def expire(self) -> None:
+        """The request's time is up: fail the item now and tell its worker to stop."""
+        self.fail(f"Generation timed out after {self.timeout:g} s ({self.deadline_label})", 504)
+        self.cancelled.set()
+
+
+class ItemFailed(Exception):
+    def __init__(self, message: str, status: int | None = None, invalid_fields: list | None = None) -> None:
+        super().__init__(message)
+        self.message, self.status, self.invalid_fields = message, status, invalid_fields
+
+
+@dataclasses.dataclass
+class Pipeline:
+    spec: ModelSpec
+    lane: Lane
+    session: UpstreamSession
+    downloader: Downloader
+    generation_timeout: float
+    prefer_wait: int
+    create_attempts: int
+    clock: Callable[[], float] = time.monotonic
+
+    def run(self, item: GenerationItem, release: Callable[[], None]) -> None:
+        """The job a lane runs; `release` frees the item's slot once the prediction is final."""
+        if item.cancelled.is_set():
+            return
+        try:
+            state, deadline, label = self._create(item)
+            self.lane.prediction_started()
+            try:
+                state = self._until_final(item, state, deadline, label)
+            finally:
+                self.lane.prediction_ended()
+                release()
+            self._save(item, state, deadline)
+        except ItemFailed as failure:
+            item.fail(failure.message, failure.status, failure.invalid_fields)
+        except Exception:
+            log.exception("item %d failed unexpectedly", item.index)
+            item.fail("Generation failed: internal error (see the service log)")
+
+    # -- create ------------------------------------------------------------------------
+    def _create(self, item: GenerationItem) -> tuple[PredictionState, float, str]:
+        throttles = faults = 0
+        while True:
+            self._pause(item, self._window_delay(item), item.deadline)
+            try:
+                wait = min(self.prefer_wait, int(item.deadline - self.clock()))
+                state = self.session.create(self.spec.replicate_name, item.data, wait)
+            except UpstreamError as exc:
+                if exc.status in FAIL_FAST:
+                    raise ItemFailed(f"Generation failed: {exc.detail}", exc.status, exc.invalid_fields) from None
+                if exc.status == 429:
+                    throttles += 1
+                    self.lane.creates.throttled(exc.retry_after)
+                else:
+                    faults += 1
+                self._retry_or_fail(item, throttles + faults, exc.retry_after, f"upstream answered {exc.status}: {exc.detail}")
+                continue
+            except httpx.TransportError as exc:
+                faults += 1
+                self._retry_or_fail(item, throttles + faults, None, f"upstream unreachable ({type(exc).__name__})")
+                continue
+            self.lane.creates.succeeded()
+            item.prediction_id = state.id
+            created = self.clock()
+            if created + self.generation_timeout < item.deadline:
+                return state, created + self.generation_timeout, "GENERATION_TIMEOUT"
+            return state, item.deadline, item.deadline_label
+
+    def _window_delay(self, item: GenerationItem) -> float:
+        delay = self.lane.creates.reserve(latest=item.deadline)
+        if delay is None:
+            raise self._timed_out(item.timeout, item.deadline_label, "waiting for its turn in the rate limit")
+        return delay
+
+    def _retry_or_fail(self, item: GenerationItem, attempts: int, retry_after: float | None, reason: str) -> None:
+        if attempts >= self.create_attempts:
+            raise ItemFailed(f"Generation failed: {reason} (gave up after {attempts} attempts)", 502)
+        backoff = min(0.5 * 2 ** (attempts - 1), 30.0) * random.uniform(0.5, 1.5)
+        delay = retry_after if retry_after is not None else backoff
+        if self.clock() + delay >= item.deadline:
+            raise self._timed_out(item.timeout, item.deadline_label, f"retrying after: {reason}")
+        self._pause(item, delay, item.deadline)
+
+    # -- wait --------------------------------------------------------------------------
+    def _until_final(self, item: GenerationItem, state: PredictionState, deadline: float,
+                     label: str) -> PredictionState:
+        interval = POLL_START
+        while not state.final:
+            if item.cancelled.is_set() or self.clock() >= deadline:
+                self._cancel(state.id)
+                raise self._timed_out(self._span(item, label), label)
+            self._pause(item, min(interval, max(0.0, deadline - self.clock())), deadline, cancel=state.id)
+            interval = min(interval * POLL_GROWTH, POLL_MAX)
+            if self.clock() >= deadline:
+                continue
+            self._pause(item, self.lane.reads.reserve(), deadline, cancel=state.id)
+            try:
+                state = self.session.get(state.id)
+            except UpstreamError as exc:
+                if exc.status in FAIL_FAST:
+                    raise ItemFailed(f"Generation failed: reading prediction {state.id}: {exc.detail}", exc.status) from None
+                if exc.retry_after:
+                    self._pause(item, min(exc.retry_after, max(0.0, deadline - self.clock())), deadline, cancel=state.id)
+            except httpx.TransportError as exc:
+                log.warning("poll of %s failed: %s", state.id, type(exc).__name__)
+        return state
+
+    def _span(self, item: GenerationItem, label: str) -> float:
+        return self.generation_timeout if label == "GENERATION_TIMEOUT" else item.timeout
+
+    def _cancel(self, prediction_id: str) -> None:
+        """Cancel upstream so a prediction past its deadline stops billing; a few tries."""
+        for attempt in range(3):
+            time.sleep(min(self.lane.reads.reserve(), 2.0))
+            try:
+                self.session.cancel(prediction_id)
+                log.info("canceled prediction %s at its deadline", prediction_id)
+                return
+            except (UpstreamError, httpx.TransportError) as exc:
+                log.warning("cancel of %s failed (attempt %d): %s", prediction_id, attempt + 1, exc)
+                time.sleep(0.2 * 2 ** attempt)
+
+    def _pause(self, item: GenerationItem, seconds: float, deadline: float, cancel: str | None = None) -> None:
+        """Sleep, waking at once if the request gave up on this item."""
+        if seconds > 0 and item.cancelled.wait(seconds) or item.cancelled.is_set():
+            if cancel:
+                self._cancel(cancel)
+            raise ItemFailed(item.error or "Generation canceled", item.status)
+
+    def _timed_out(self, seconds: float, label: str, doing: str = "") -> ItemFailed:
+        where = f" {doing}" if doing else ""
+        return ItemFailed(f"Generation timed out after {seconds:g} s ({label}){where}", 504)
+
+    # -- save --------------------------------------------------------------------------
+    def _save(self, item: GenerationItem, state: PredictionState, deadline: float) -> None:
+        pid = state.id
+        if state.status == "failed":
+            raise ItemFailed(f"Generation failed: prediction {pid} failed: {state.error or 'no reason given'}")
+        if state.status in ("canceled", "aborted"):
+            raise ItemFailed(f"Generation failed: prediction {pid} was {state.status} upstream")
+        urls = outputs_of(self.spec, state.output)
+        if not urls:
+            raise ItemFailed(f"Generation failed: prediction {pid} succeeded with no output")
+        temps: list[tuple[Path, str]] = []
+        try:
+            for url in urls:
+                temps.append(self.downloader.fetch(url, item.folder, deadline))
+        except DownloadError as exc:
+            raise ItemFailed(f"Generation failed: prediction {pid}: {exc}") from None
+        finally:
+            if len(temps) < len(urls):
+                for path, _ in temps:
+                    path.unlink(missing_ok=True)
+        self._place(item, temps)
+
+    def _place(self, item: GenerationItem, temps: list[tuple[Path, str]]) -> None:
+        names = [f"{stem}.{ext}" for stem, (_, ext) in zip(final_stems(item.stem, len(temps)), temps)]
+        with item.lock:
+            if item.done.is_set():  # the request already answered (timed out): keep nothing
+                for path, _ in temps:
+                    path.unlink(missing_ok=True)
+                return
+            placed = []
+            try:
+                for (path, _), name in zip(temps, names):
+                    place(path, item.folder / name)
+                    placed.append(name)
+            except FileExistsError:
+                for path, _ in temps:
+                    path.unlink(missing_ok=True)
+                for name in placed:
+                    (item.folder / name).unlink(missing_ok=True)
+                item.error, item.status = "Generation failed: an output name is already taken", 409
+                item.done.set()
+                return
+            item.files = [os.path.join(item.shown_folder, name) for name in names]
+            item.done.set()

@@ -1,0 +1,42 @@
+"""Production server settings: `gunicorn -c gunicorn.conf.py app:app`.
+
+One worker process, many threads. The slot pools and rate windows live in the process's
+memory: N worker processes would each enforce the full limit, multiplying the real
+concurrency and request rate by N, and `/configure` would change one worker of N. So more
+than one worker is refused at start-up until the limits are shared across processes.
+Threads are cheap here: a synchronous batch request mostly waits, and generations run on the
+service's own thread pool, not on these request threads.
+"""
+import os
+import sys
+
+from app import read_environment
+from settings import ConfigError, Settings
+
+_env = read_environment()
+try:
+    _settings = Settings.from_mapping(_env)
+except ConfigError as exc:  # the same check the app makes, before any worker starts
+    sys.stderr.write(f"{exc}\n")
+    sys.exit(2)
+
+bind = f"{_settings.host}:{_settings.port}"
+workers = 1
+worker_class = "gthread"
+threads = int(_env.get("GUNICORN_THREADS", "128"))
+# A gthread worker heartbeats from its main loop, so long batch requests are not "silent".
+timeout = 60
+graceful_timeout = int(_env.get("GUNICORN_GRACEFUL_TIMEOUT", "60"))
+keepalive = 5
+accesslog = "-"
+errorlog = "-"
+loglevel = _env.get("LOG_LEVEL", "info").lower()
+
+
+def on_starting(server):
+    if server.cfg.workers != 1:
+        server.log.error(
+            "Refusing to start with %d workers: rate and concurrency limits are per process, "
+            "so more workers would multiply them. Run one worker (use GUNICORN_THREADS for "
+            "more request threads).", server.cfg.workers)
+        sys.exit(3)

@@ -1,0 +1,185 @@
+"""The emulator's HTTP API: Replicate's endpoints under /v1, output files under /delivery,
+and the control API under /_emulator."""
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import random
+import re
+import time
+from typing import Any
+
+from aiohttp import web
+
+from . import schemas
+from .faults import Faults, decide, markers
+from .images import render
+from .state import Prediction, OutputFile, Stats, Windows, new_id, now_iso
+
+JSON_TYPE = "application/json"
+TOKEN_STATES = ("valid", "invalid", "no_credit", "low_credit")
+CANCEL_AFTER = re.compile(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+(?:\.\d+)?)s)?")
+UPLOAD_LIMIT = 100 * 1024 * 1024
+
+
+def problem(status: int, detail: str, title: str | None = None, headers: dict | None = None,
+            **extra: Any) -> web.Response:
+    body = {"detail": detail, "status": status, **extra}
+    if title:
+        body["title"] = title
+    return web.Response(status=status, text=json.dumps(body), headers=headers,
+                        content_type="application/problem+json")
+
+
+def ok_json(body: Any, status: int = 200, headers: dict | None = None) -> web.Response:
+    return web.Response(status=status, text=json.dumps(body), headers=headers,
+                        content_type=JSON_TYPE, charset="UTF-8")
+
+
+def throttled(seconds: float, with_header: bool) -> web.Response:
+    wait = max(1, math.ceil(seconds))
+    headers = {"Retry-After": str(wait)} if with_header else None
+    return problem(429, f"Request was throttled. Your rate limit resets in ~{wait}s.",
+                   headers=headers, retry_after=wait)
+
+
+def parse_wait(header: str) -> int | None:
+    for part in header.split(","):
+        part = part.strip()
+        if part == "wait":
+            return 60
+        match = re.fullmatch(r"wait=(\d+)", part)
+        if match:
+            return min(60, max(1, int(match.group(1))))
+    return None
+
+
+def parse_duration(text: str) -> float | None:
+    match = CANCEL_AFTER.fullmatch(text.strip())
+    if not text.strip() or not match:
+        return None
+    h, m, s = match.groups()
+    return int(h or 0) * 3600 + int(m or 0) * 60 + float(s or 0)
+
+
+class Emulator:
+    """All state of one emulator; lives on one event loop."""
+
+    def __init__(self, faults: Faults | None = None, seed: int | None = None,
+                 accept_any_token: bool = True) -> None:
+        self.initial_faults = faults or Faults()
+        self.faults = Faults(**self.initial_faults.as_dict())
+        self.rng = random.Random(seed)
+        self.accept_any_token = accept_any_token
+        self.token_states: dict[str, str] = {}
+        self.predictions: dict[str, Prediction] = {}
+        self.files: dict[str, OutputFile] = {}
+        self.uploads: dict[str, tuple[bytes, dict]] = {}
+        self.windows = Windows()
+        self.stats = Stats()
+
+    def token_state(self, token: str) -> str:
+        return self.token_states.get(token, "valid" if self.accept_any_token else "invalid")
+
+    def reset(self, faults: bool = True) -> None:
+        for p in self.predictions.values():
+            for task in p.tasks:
+                task.cancel()
+        self.predictions.clear()
+        self.files.clear()
+        self.uploads.clear()
+        self.windows = Windows()
+        self.stats = Stats()
+        if faults:
+            self.faults = Faults(**self.initial_faults.as_dict())
+
+    # -- lifecycle -------------------------------------------------------------
+    def start(self, model: str, token: str, data: dict, base: str) -> Prediction:
+        marks = markers(data.get("prompt"))
+        p = Prediction(id=new_id(), model=model, token=token, input=data)
+        p.base = base
+        p.seed = data.get("seed") if data.get("seed") is not None else self.rng.randrange(2**31)
+        latency = float(marks["latency"]) if marks.get("latency") else self.faults.sample_latency(self.rng)
+        hang = decide(self.rng, self.faults.hang_rate, marks, "hang")
+        fail = decide(self.rng, self.faults.fail_rate, marks, "fail")
+        self.predictions[p.id] = p
+        self.stats.started(token)
+        p.tasks.append(asyncio.ensure_future(self._run(p, latency, hang, fail, marks)))
+        return p
+
+    async def _run(self, p: Prediction, latency: float, hang: bool, fail: bool, marks: dict) -> None:
+        try:
+            start_delay = min(self.faults.start_delay_s, latency)
+            await asyncio.sleep(start_delay)
+            p.status, p.started_at, p.started_t = "processing", now_iso(), time.monotonic()
+            p.logs = f"Using seed: {p.seed}\n"
+            if hang:
+                await asyncio.Event().wait()
+            await asyncio.sleep(max(0.0, latency - start_delay))
+            if fail:
+                self.finish(p, "failed", error="Prediction failed: injected failure")
+            else:
+                self.finish(p, "succeeded", output=self._outputs(p, marks))
+        except asyncio.CancelledError:
+            pass
+
+    def finish(self, p: Prediction, status: str, output: Any = None, error: str | None = None) -> None:
+        if p.final:
+            return
+        p.status, p.output, p.error = status, output, error
+        p.completed_at, p.completed_t = now_iso(), time.monotonic()
+        if p.started_t is not None:
+            p.predict_time = round(p.completed_t - p.started_t, 6)
+        p.logs += f"Prediction {status}\n"
+        self.stats.finished(p.token)
+        p.done.set()
+        current = asyncio.current_task()
+        for task in p.tasks:
+            if task is not current:
+                task.cancel()
+
+    def _outputs(self, p: Prediction, marks: dict) -> Any:
+        spec = schemas.MODELS[p.model]
+        props = spec["properties"]
+        fmt = p.input.get("output_format") or props["output_format"]["default"]
+        ratio = p.input.get("aspect_ratio") or props["aspect_ratio"]["default"]
+        count = p.input.get("num_outputs", 1) if spec["output"] == "list" else 1
+        urls = []
+        for index in range(count):
+            key = f"{p.id}/out-{index}.{fmt}"
+            stamp = {"model": p.model, "prompt": p.input.get("prompt"), "seed": p.seed,
+                     "index": index, "format": fmt, "aspect_ratio": ratio}
+            self.files[key] = OutputFile(
+                stamp=stamp, fmt=fmt, aspect_ratio=ratio, created=time.monotonic(),
+                missing=decide(self.rng, self.faults.output_404_rate, marks, "404"),
+                truncate="truncate" in marks)
+            urls.append(f"{p.base}/delivery/{key}")
+        return urls if spec["output"] == "list" else urls[0]
+
+    def expire(self, p: Prediction) -> None:
+        if p.completed_t and time.monotonic() - p.completed_t > self.faults.output_ttl_s:
+            p.data_removed = True
+
+    def cancel(self, p: Prediction, status: str = "canceled") -> None:
+        if not p.final:
+            self.stats.canceled_ids.append(p.id)
+            self.finish(p, status)
+
+
+def _emu(request: web.Request) -> Emulator:
+    return request.app["emulator"]
+
+
+def _base(request: web.Request) -> str:
+    return f"{request.scheme}://{request.host}"
+
+
+async def _json_body(request: web.Request) -> dict | web.Response:
+    try:
+        body = await request.json()
+    except (ValueError, UnicodeDecodeError):
+        return problem(400, "The request body is not valid JSON.")
+    if not isinstance(body, dict):
+        return problem(400, "The request body must be a JSON object.")
+    return body

@@ -1,0 +1,79 @@
+"""The generation service of one app: lanes, upstream sessions, downloader, and `run`, which
+takes a request's prompts through the pipeline and waits for them up to the request's
+deadline."""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from auth import Caller
+from concurrency_manager import LaneManager
+from downloads import Downloader, new_session
+from files import new_request_folder, remove_partials
+from generation import GenerationItem, Pipeline
+from model_functions import ModelSpec
+from settings import Settings
+from upstream import SessionCache
+
+log = logging.getLogger(__name__)
+READ_BUDGET_SHARE = 0.9  # leave a tenth of the read budget for clock skew and other calls
+
+
+class GenerationService:
+    def __init__(self, settings: Settings, clock: Callable[[], float] = time.monotonic) -> None:
+        self.settings, self.clock = settings, clock
+        self.lanes = LaneManager(settings.concurrent_limit, settings.requests_per_minute,
+                                 max(1, int(settings.reads_per_minute * READ_BUDGET_SHARE)),
+                                 window=settings.rate_window, clock=clock,
+                                 margin=settings.rate_window / 120)
+        self.sessions = SessionCache(settings.base_url, keepalive=settings.concurrent_limit,
+                                     pool_timeout=settings.pool_timeout)
+        self.downloader = Downloader(new_session(settings.concurrent_limit),
+                                     settings.max_download_bytes, settings.download_attempts,
+                                     clock=clock)
+        Path(settings.output_dir).mkdir(parents=True, exist_ok=True)
+        removed = remove_partials(settings.output_dir)
+        if removed:
+            log.info("removed %d partial download(s) left by an earlier run", removed)
+
+    def run(self, caller: Caller, spec: ModelSpec, prompts: list[str], stems: list[str],
+            params: dict[str, Any], timeout: float, label: str) -> list[GenerationItem]:
+        """Generate every prompt (at once, up to the caller's limits); return the items in
+        prompt order, each with its files or its error, no later than `timeout` seconds."""
+        deadline = self.clock() + timeout
+        folder = new_request_folder(self.settings.output_dir)
+        shown = os.path.join(self.settings.output_dir, folder.name)
+        items = [GenerationItem(index, prompt, stem, {"prompt": prompt, **params}, folder, shown,
+                                deadline, label, timeout)
+                 for index, (prompt, stem) in enumerate(zip(prompts, stems))]
+        lane = self.lanes.lane(caller.account)
+        pipeline = Pipeline(spec, lane, self.sessions.get(caller.token), self.downloader,
+                            self.settings.generation_timeout, self.settings.prefer_wait,
+                            self.settings.create_attempts, self.clock)
+        for item in items:
+            lane.submit(functools.partial(pipeline.run, item))
+        for item in items:
+            item.done.wait(max(0.0, deadline - self.clock()))
+        for item in items:
+            if not item.done.is_set():
+                item.expire()
+        _remove_if_empty(folder)
+        return items
+
+    def status(self) -> dict[str, int]:
+        return self.lanes.status()
+
+    def shutdown(self) -> None:
+        self.lanes.shutdown()
+        self.sessions.close()
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:
+        pass  # not empty (the normal case) or never created

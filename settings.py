@@ -1,0 +1,127 @@
+"""Service settings, read from the environment (and `.env`) once, when the app is created.
+
+Every variable is validated at start-up; a bad value stops the service with a message that
+names the variable and what it accepts.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+from urllib.parse import urlparse
+
+
+class ConfigError(ValueError):
+    """A setting has a value the service cannot run with."""
+
+
+def _integer(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = int(text)
+        if not low <= value <= high:
+            raise ValueError
+        return value
+    parse.accepts = f"a whole number from {low} to {high}"
+    return parse
+
+
+def _seconds(low: float, high: float) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        value = float(text)
+        if not low <= value <= high:
+            raise ValueError
+        return value
+    parse.accepts = f"a number of seconds from {low:g} to {high:g}"
+    return parse
+
+
+def _text(text: str) -> str:
+    return text.strip()
+_text.accepts = "any text"
+
+
+def _url(text: str) -> str:
+    parsed = urlparse(text.strip())
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise ValueError
+    return text.strip().rstrip("/")
+_url.accepts = "an http(s) URL such as https://api.replicate.com"
+
+
+def _boolean(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered not in ("1", "0", "true", "false", "yes", "no"):
+        raise ValueError
+    return lowered in ("1", "true", "yes")
+_boolean.accepts = "true or false"
+
+
+# (attribute, environment variable, default, parser)
+TABLE: list[tuple[str, str, str, Callable[[str], Any]]] = [
+    ("replicate_api_token", "REPLICATE_API_TOKEN", "", _text),
+    ("admin_api_key", "CONCURRENT_DOCKER_ADMIN_API_KEY", "", _text),
+    ("host", "FLASK_HOST", "0.0.0.0", _text),
+    ("port", "FLASK_PORT", "5003", _integer(1, 65535)),
+    ("concurrent_limit", "REPLICATE_CONCURRENT_LIMIT", "60", _integer(1, 5000)),
+    ("requests_per_minute", "REPLICATE_REQUESTS_PER_MINUTE", "600", _integer(1, 100000)),
+    ("reads_per_minute", "REPLICATE_READS_PER_MINUTE", "3000", _integer(1, 1000000)),
+    ("rate_window", "REPLICATE_RATE_WINDOW_SECONDS", "60", _seconds(0.1, 3600)),
+    ("base_url", "REPLICATE_BASE_URL", "https://api.replicate.com", _url),
+    ("output_dir", "OUTPUT_DIR", "output", _text),
+    ("generation_timeout", "GENERATION_TIMEOUT", "300", _seconds(1, 86400)),
+    ("batch_timeout", "BATCH_TIMEOUT", "600", _seconds(1, 86400)),
+    ("max_batch_size", "MAX_BATCH_SIZE", "1000", _integer(1, 100000)),
+    ("max_content_length", "MAX_CONTENT_LENGTH", str(16 * 1024 * 1024), _integer(1024, 1 << 30)),
+    ("max_prompt_length", "MAX_PROMPT_LENGTH", "10000", _integer(1, 1000000)),
+    ("prefer_wait", "REPLICATE_PREFER_WAIT_SECONDS", "60", _integer(0, 60)),
+    ("create_attempts", "REPLICATE_CREATE_ATTEMPTS", "6", _integer(1, 50)),
+    ("max_download_bytes", "MAX_DOWNLOAD_BYTES", str(100 * 1024 * 1024), _integer(1024, 1 << 34)),
+    ("download_attempts", "DOWNLOAD_ATTEMPTS", "3", _integer(1, 20)),
+    ("pool_timeout", "REPLICATE_POOL_TIMEOUT", "10", _seconds(0.1, 600)),
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    replicate_api_token: str
+    admin_api_key: str
+    host: str
+    port: int
+    concurrent_limit: int
+    requests_per_minute: int
+    reads_per_minute: int
+    rate_window: float
+    base_url: str
+    output_dir: str
+    generation_timeout: float
+    batch_timeout: float
+    max_batch_size: int
+    max_content_length: int
+    max_prompt_length: int
+    prefer_wait: int
+    create_attempts: int
+    max_download_bytes: int
+    download_attempts: int
+    pool_timeout: float
+
+    @classmethod
+    def from_mapping(cls, source: Mapping[str, str]) -> "Settings":
+        """Read every variable of TABLE from `source`; raise ConfigError on the first bad one."""
+        values = {}
+        for attribute, variable, default, parse in TABLE:
+            raw = source.get(variable)
+            raw = default if raw is None or str(raw).strip() == "" else str(raw)
+            try:
+                values[attribute] = parse(raw)
+            except ValueError:
+                shown = "(hidden)" if "TOKEN" in variable or "KEY" in variable else repr(raw)
+                raise ConfigError(f"{variable}={shown} is not valid: expected {parse.accepts}") from None
+        return cls(**values)
+
+    @property
+    def secrets(self) -> list[str]:
+        return [s for s in (self.replicate_api_token, self.admin_api_key) if s]
+
+    def public(self) -> dict[str, Any]:
+        """The settings a client may see (no token, no key)."""
+        hidden = {"replicate_api_token", "admin_api_key"}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in hidden}

@@ -1,0 +1,159 @@
+"""Talking to Replicate: one `replicate.Client` per token, errors made precise.
+
+The official client drops what a caller needs to react to an error (`Retry-After`, the body's
+`retry_after`, `invalid_fields`) and retries GETs on its own schedule. So the client is given
+a transport that turns every error response into an `UpstreamError` carrying those fields
+before the client sees it; the service then decides about retries itself.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import threading
+from typing import Any
+
+import httpx
+import pydantic
+import replicate
+
+FINAL_STATUSES = ("succeeded", "failed", "canceled", "aborted")
+
+
+class UpstreamError(Exception):
+    """An error answer from the upstream API. `str()` is safe to show a client."""
+
+    def __init__(self, status: int, detail: str, retry_after: float | None = None,
+                 invalid_fields: list | None = None) -> None:
+        super().__init__(detail)
+        self.status, self.detail = status, detail
+        self.retry_after, self.invalid_fields = retry_after, invalid_fields
+
+    @classmethod
+    def from_response(cls, response: httpx.Response) -> "UpstreamError":
+        try:
+            body = json.loads(response.content or b"{}")
+        except ValueError:
+            body = {}
+        body = body if isinstance(body, dict) else {}
+        detail = str(body.get("detail") or body.get("title") or f"HTTP {response.status_code}")
+        title = body.get("title")
+        if title and title not in detail:
+            detail = f"{title}: {detail}"
+        return cls(response.status_code, detail.strip()[:2000],
+                   _retry_after(response.headers.get("Retry-After"), body.get("retry_after")),
+                   body.get("invalid_fields") if isinstance(body.get("invalid_fields"), list) else None)
+
+
+def _retry_after(header: str | None, field: Any) -> float | None:
+    for value in (header, field):
+        try:
+            seconds = float(value)
+        except (TypeError, ValueError):
+            continue
+        if 0 <= seconds < 86400:
+            return seconds
+    return None
+
+
+class ErrorTransport(httpx.BaseTransport):
+    """Raises UpstreamError for any 4xx/5xx answer, so nothing retries behind our back."""
+
+    def __init__(self, inner: httpx.BaseTransport) -> None:
+        self._inner = inner
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        response = self._inner.handle_request(request)
+        if response.status_code < 400:
+            return response
+        try:
+            response.read()
+        finally:
+            response.close()
+        raise UpstreamError.from_response(response)
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+@dataclasses.dataclass
+class PredictionState:
+    id: str
+    status: str
+    output: Any = None
+    error: str | None = None
+
+    @property
+    def final(self) -> bool:
+        return self.status in FINAL_STATUSES
+
+
+def _state(prediction: Any) -> PredictionState:
+    if isinstance(prediction, dict):
+        return PredictionState(str(prediction.get("id")), str(prediction.get("status")),
+                               prediction.get("output"), prediction.get("error"))
+    return PredictionState(prediction.id, prediction.status, prediction.output, prediction.error)
+
+
+class UpstreamSession:
+    """One account's client. Thread-safe: httpx clients are."""
+
+    def __init__(self, token: str, base_url: str, keepalive: int, pool_timeout: float) -> None:
+        # No cap on connections: the slot pool already bounds how many run at once, and a
+        # cap below it would turn a raised concurrency limit into pool timeouts.
+        transport = httpx.HTTPTransport(limits=httpx.Limits(
+            max_connections=None, max_keepalive_connections=keepalive))
+        self._client = replicate.Client(
+            api_token=token, base_url=base_url,
+            timeout=httpx.Timeout(10.0, connect=5.0, read=30.0, write=30.0, pool=pool_timeout),
+            transport=ErrorTransport(transport))
+
+    def create(self, model: str, data: dict[str, Any], wait: int) -> PredictionState:
+        """Create a prediction; with wait > 0 the upstream holds the answer up to `wait` s."""
+        return _state(self._client.models.predictions.create(
+            model=model, input=data, wait=wait if wait > 0 else False))
+
+    def get(self, prediction_id: str) -> PredictionState:
+        try:
+            return _state(self._client.predictions.get(prediction_id))
+        except pydantic.ValidationError:
+            # replicate 1.0.7 rejects `aborted`; read the same answer as plain JSON.
+            return _state(self._client._request("GET", f"/v1/predictions/{prediction_id}").json())
+
+    def cancel(self, prediction_id: str) -> None:
+        try:
+            self._client.predictions.cancel(prediction_id)
+        except pydantic.ValidationError:
+            pass  # the cancel went through; only the echoed status was unparseable
+
+    def close(self) -> None:
+        self._client._client.close()
+
+
+def account_key(token: str) -> str:
+    """What identifies an account internally: a hash, so the token itself is not spread."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class SessionCache:
+    """One UpstreamSession per token, created on first use."""
+
+    def __init__(self, base_url: str, keepalive: int, pool_timeout: float) -> None:
+        self._base_url, self._keepalive, self._pool_timeout = base_url, keepalive, pool_timeout
+        self._sessions: dict[str, UpstreamSession] = {}
+        self._lock = threading.Lock()
+
+    def get(self, token: str) -> UpstreamSession:
+        key = account_key(token)
+        with self._lock:
+            session = self._sessions.get(key)
+            if session is None:
+                session = UpstreamSession(token, self._base_url, self._keepalive, self._pool_timeout)
+                self._sessions[key] = session
+            return session
+
+    def close(self) -> None:
+        with self._lock:
+            for session in self._sessions.values():
+                session.close()
+            self._sessions.clear()
