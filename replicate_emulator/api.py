@@ -14,6 +14,7 @@ from .images import render
 from .state import new_id, now_iso
 
 routes = web.RouteTableDef()
+TOKEN = web.RequestKey("token", str)
 
 
 @web.middleware
@@ -26,7 +27,7 @@ async def auth_and_limits(request: web.Request, handler):
     token = header[len("Bearer "):].strip() if header.startswith("Bearer ") else ""
     if not token or emu.token_state(token) == "invalid":
         return problem(401, "You did not pass a valid authentication token", title="Unauthenticated")
-    request["token"] = token
+    request[TOKEN] = token
     is_create = request.method == "POST" and request.path.endswith("/predictions")
     if not is_create:
         wait = emu.windows.admit(("other", token), emu.faults.other_limit, emu.faults.window_s)
@@ -66,7 +67,7 @@ async def create_for_version(request: web.Request) -> web.StreamResponse:
 
 
 def _throttle_create(request: web.Request, marks: dict) -> web.Response | None:
-    emu, token = _emu(request), request["token"]
+    emu, token = _emu(request), request[TOKEN]
     faults = emu.faults
     if decide(emu.rng, faults.create_429_rate, marks, "429"):
         return throttled(faults.storm_retry_after_s, with_header=True)
@@ -79,7 +80,7 @@ def _throttle_create(request: web.Request, marks: dict) -> web.Response | None:
 
 
 async def _create(request: web.Request, model: str, body: dict) -> web.StreamResponse:
-    emu, token = _emu(request), request["token"]
+    emu, token = _emu(request), request[TOKEN]
     emu.stats.count("create_attempts", token)
     emu.stats.stamp(emu.stats.attempt_times, token)
     if emu.token_state(token) == "no_credit":
@@ -137,13 +138,13 @@ async def _answer_with_wait(request: web.Request, p) -> web.Response:
 
 def _owned(request: web.Request):
     p = _emu(request).predictions.get(request.match_info["id"])
-    return p if p is not None and p.token == request["token"] else None
+    return p if p is not None and p.token == request[TOKEN] else None
 
 
 @routes.get("/v1/predictions/{id}")
 async def get_prediction(request: web.Request) -> web.Response:
     emu, p = _emu(request), _owned(request)
-    emu.stats.count("polls", request["token"])
+    emu.stats.count("polls", request[TOKEN])
     if p is None:
         return problem(404, "The requested resource could not be found.")
     emu.expire(p)
@@ -153,7 +154,7 @@ async def get_prediction(request: web.Request) -> web.Response:
 @routes.post("/v1/predictions/{id}/cancel")
 async def cancel_prediction(request: web.Request) -> web.Response:
     emu, p = _emu(request), _owned(request)
-    emu.stats.count("cancels", request["token"])
+    emu.stats.count("cancels", request[TOKEN])
     if p is None:
         return problem(404, "The requested resource could not be found.")
     emu.cancel(p)
@@ -163,7 +164,7 @@ async def cancel_prediction(request: web.Request) -> web.Response:
 @routes.get("/v1/predictions")
 async def list_predictions(request: web.Request) -> web.Response:
     """The caller's predictions, newest first, 100 a page, paged with `next`."""
-    emu, token = _emu(request), request["token"]
+    emu, token = _emu(request), request[TOKEN]
     mine = [p for p in reversed(emu.predictions.values()) if p.token == token]
     try:
         start = max(0, int(request.query.get("cursor", "0")))

@@ -8,14 +8,14 @@ import threading
 from aiohttp import web
 
 from . import api, control
-from .emulator import Emulator
+from .emulator import EMULATOR_KEY, Emulator
 
 log = logging.getLogger(__name__)
 
 
 def create_app(emulator: Emulator) -> web.Application:
     app = web.Application(middlewares=[api.auth_and_limits], client_max_size=110 * 1024 * 1024)
-    app["emulator"] = emulator
+    app[EMULATOR_KEY] = emulator
     app.add_routes(api.routes)
     app.add_routes(control.routes)
     return app

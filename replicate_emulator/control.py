@@ -1,6 +1,8 @@
 """The control API under `/_emulator/`: faults, token states, statistics, reset."""
 from __future__ import annotations
 
+import time
+
 from aiohttp import web
 
 from .emulator import TOKEN_STATES, _emu, _json_body, ok_json, problem
@@ -44,14 +46,16 @@ async def set_token(request: web.Request) -> web.Response:
 
 @routes.get("/_emulator/stats")
 async def stats(request: web.Request) -> web.Response:
-    return ok_json(_emu(request).stats.as_dict())
+    emu = _emu(request)
+    return ok_json({**emu.stats.as_dict(), "now": round(time.monotonic() - emu.stats.epoch, 6)})
 
 
 @routes.get("/_emulator/predictions")
 async def predictions(request: web.Request) -> web.Response:
     emu = _emu(request)
     return ok_json([{"id": p.id, "token": p.token, "model": p.model, "status": p.status,
-                     "input": p.input, "created_t": round(p.created_t - emu.stats.epoch, 6)}
+                     "input": p.input, "created_t": round(p.created_t - emu.stats.epoch, 6),
+                     "completed_t": None if p.completed_t is None else round(p.completed_t - emu.stats.epoch, 6)}
                     for p in emu.predictions.values()])
 
 

@@ -167,8 +167,11 @@ class Emulator:
             self.finish(p, status)
 
 
+EMULATOR_KEY = web.AppKey("emulator", Emulator)
+
+
 def _emu(request: web.Request) -> Emulator:
-    return request.app["emulator"]
+    return request.app[EMULATOR_KEY]
 
 
 def _base(request: web.Request) -> str:

@@ -1,0 +1,80 @@
+"""Fixtures: the emulator (one per session, reset for every test) and the service, started
+for real on free loopback ports."""
+from __future__ import annotations
+
+import threading
+from typing import Any, Iterator
+
+import pytest
+import requests
+from werkzeug.serving import make_server
+
+from app import create_app
+from replicate_emulator import EmulatorServer
+from replicate_emulator.control_client import EmulatorControl
+
+SERVER_TOKEN = "r8_servertoken000000000001"
+ADMIN_KEY = "admin-key-for-tests-0001"
+USER_TOKEN = "r8_usertoken00000000000002"
+ADMIN = {"X-Admin-API-Key": ADMIN_KEY}
+
+
+@pytest.fixture(scope="session")
+def emulator_server() -> Iterator[EmulatorServer]:
+    with EmulatorServer() as server:
+        yield server
+
+
+@pytest.fixture
+def emu(emulator_server: EmulatorServer) -> EmulatorControl:
+    control = EmulatorControl(emulator_server.url)
+    control.reset()
+    control.set_faults(latency_s=0.05)
+    return control
+
+
+class Service:
+    """The service on a real HTTP server thread."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+        self._server = make_server("127.0.0.1", 0, app, threaded=True)
+        self.url = f"http://127.0.0.1:{self._server.server_port}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+        self.http = requests.Session()
+
+    def post(self, path: str, body: Any = None, headers: dict | None = None, **kwargs) -> requests.Response:
+        return self.http.post(self.url + path, json=body, headers=headers, timeout=120, **kwargs)
+
+    def get(self, path: str, **kwargs) -> requests.Response:
+        return self.http.get(self.url + path, timeout=30, **kwargs)
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._thread.join(10)
+        self.app.extensions["generation"].shutdown()
+
+
+@pytest.fixture
+def make_service(emulator_server: EmulatorServer, tmp_path):
+    started: list[Service] = []
+
+    def make(**overrides: Any) -> Service:
+        config = {"REPLICATE_BASE_URL": emulator_server.url, "OUTPUT_DIR": str(tmp_path / "output"),
+                  "REPLICATE_API_TOKEN": SERVER_TOKEN, "CONCURRENT_DOCKER_ADMIN_API_KEY": ADMIN_KEY}
+        config.update({k: str(v) for k, v in overrides.items() if v is not None})
+        for key in [k for k, v in overrides.items() if v is None]:
+            config.pop(key, None)
+        service = Service(create_app(config))
+        started.append(service)
+        return service
+
+    yield make
+    for service in started:
+        service.stop()
+
+
+@pytest.fixture
+def service(make_service, emu) -> Service:
+    return make_service()
