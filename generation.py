@@ -90,8 +90,7 @@ class Pipeline:
         if item.cancelled.is_set():
             return
         try:
-            state, deadline, label = self._create(item)
-            self.lane.prediction_started()
+            state, deadline, label = self._create(item)  # counted in flight from here
             try:
                 state = self._until_final(item, state, deadline, label)
             finally:
@@ -106,25 +105,19 @@ class Pipeline:
 
     # -- create ------------------------------------------------------------------------
     def _create(self, item: GenerationItem) -> tuple[PredictionState, float, str]:
-        throttles = faults = 0
+        attempts = 0
         while True:
             self._pause(item, self._window_delay(item), item.deadline)
+            # In flight from the moment the create is sent: with `Prefer: wait` the answer
+            # may only come when the prediction is already done.
+            self.lane.prediction_started()
             try:
                 wait = min(self.prefer_wait, int(item.deadline - self.clock()))
                 state = self.session.create(self.spec.replicate_name, item.data, wait)
-            except UpstreamError as exc:
-                if exc.status in FAIL_FAST:
-                    raise ItemFailed(f"Generation failed: {exc.detail}", exc.status, exc.invalid_fields) from None
-                if exc.status == 429:
-                    throttles += 1
-                    self.lane.creates.throttled(exc.retry_after)
-                else:
-                    faults += 1
-                self._retry_or_fail(item, throttles + faults, exc.retry_after, f"upstream answered {exc.status}: {exc.detail}")
-                continue
-            except httpx.TransportError as exc:
-                faults += 1
-                self._retry_or_fail(item, throttles + faults, None, f"upstream unreachable ({type(exc).__name__})")
+            except BaseException as exc:
+                self.lane.prediction_ended()
+                attempts += 1
+                self._create_failed(item, exc, attempts)
                 continue
             self.lane.creates.succeeded()
             item.prediction_id = state.id
@@ -132,6 +125,20 @@ class Pipeline:
             if created + self.generation_timeout < item.deadline:
                 return state, created + self.generation_timeout, "GENERATION_TIMEOUT"
             return state, item.deadline, item.deadline_label
+
+    def _create_failed(self, item: GenerationItem, exc: BaseException, attempts: int) -> None:
+        """Decide about a failed create: raise ItemFailed, or return to try again."""
+        if isinstance(exc, UpstreamError):
+            if exc.status in FAIL_FAST:
+                raise ItemFailed(f"Generation failed: {exc.detail}", exc.status, exc.invalid_fields) from None
+            if exc.status == 429:
+                self.lane.creates.throttled(exc.retry_after)
+            reason, retry_after = f"upstream answered {exc.status}: {exc.detail}", exc.retry_after
+        elif isinstance(exc, httpx.TransportError):
+            reason, retry_after = f"upstream unreachable ({type(exc).__name__})", None
+        else:
+            raise exc
+        self._retry_or_fail(item, attempts, retry_after, reason)
 
     def _window_delay(self, item: GenerationItem) -> float:
         delay = self.lane.creates.reserve(latest=item.deadline)

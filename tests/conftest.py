@@ -2,6 +2,7 @@
 for real on free loopback ports."""
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Any, Iterator
 
@@ -12,6 +13,8 @@ from werkzeug.serving import make_server
 from app import create_app
 from replicate_emulator import EmulatorServer
 from replicate_emulator.control_client import EmulatorControl
+
+logging.getLogger("werkzeug").setLevel(logging.WARNING)
 
 SERVER_TOKEN = "r8_servertoken000000000001"
 ADMIN_KEY = "admin-key-for-tests-0001"
