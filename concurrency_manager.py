@@ -81,6 +81,7 @@ class RateWindow:
         self._starts: collections.deque[float] = collections.deque()
         self._lock = threading.Lock()
         self._effective = limit          # lowered while the upstream throttles
+        self._refused: collections.deque[float] = collections.deque()  # when it said 429
         self._paused_until = float("-inf")
 
     @property
@@ -96,14 +97,20 @@ class RateWindow:
             self._limit = self._effective = limit
 
     def throttled(self, retry_after: float | None) -> None:
-        """The upstream said 429: start nothing before `retry_after` (default 1 s) has passed
-        and halve the effective limit, once per throttle period, so a throttling upstream
-        (e.g. Replicate's low-credit 6 a minute) is not hammered."""
+        """The upstream said 429: start nothing before `retry_after` (default 1 s) and, when
+        it refused most of this window's attempts, take what it did not refuse as the rate it
+        really allows (Replicate's low-credit mode: 6 a minute). A scattered 429 in a mostly
+        accepted window only pauses: a lower rate would not help there."""
         with self._lock:
             now = self._clock()
-            if now >= self._paused_until:
-                self._effective = max(1, self._effective // 2)
             self._paused_until = max(self._paused_until, now + (retry_after if retry_after is not None else 1.0))
+            span = self._window + self._margin
+            self._refused.append(now)
+            while self._refused and self._refused[0] <= now - span:
+                self._refused.popleft()
+            attempts = sum(1 for t in self._starts if now - span < t <= now)
+            if len(self._refused) * 2 > attempts:
+                self._effective = max(1, min(self._effective, attempts - len(self._refused)))
 
     def succeeded(self) -> None:
         """A create went through: recover the effective limit by about a tenth."""

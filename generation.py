@@ -30,7 +30,7 @@ POLL_START, POLL_GROWTH, POLL_MAX = 0.5, 1.5, 5.0
 FAIL_FAST = {400, 401, 402, 403, 404, 422}
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # compared and hashed by identity: items live in sets
 class GenerationItem:
     index: int
     prompt: str
@@ -83,6 +83,7 @@ class Pipeline:
     generation_timeout: float
     prefer_wait: int
     create_attempts: int
+    throttle_retries: int
     clock: Callable[[], float] = time.monotonic
 
     def run(self, item: GenerationItem, release: Callable[[], None]) -> None:
@@ -105,7 +106,7 @@ class Pipeline:
 
     # -- create ------------------------------------------------------------------------
     def _create(self, item: GenerationItem) -> tuple[PredictionState, float, str]:
-        attempts = 0
+        failures = throttles = 0
         while True:
             self._pause(item, self._window_delay(item), item.deadline)
             # In flight from the moment the create is sent: with `Prefer: wait` the answer
@@ -116,8 +117,11 @@ class Pipeline:
                 state = self.session.create(self.spec.replicate_name, item.data, wait)
             except BaseException as exc:
                 self.lane.prediction_ended()
-                attempts += 1
-                self._create_failed(item, exc, attempts)
+                if isinstance(exc, UpstreamError) and exc.status == 429:
+                    throttles += 1
+                else:
+                    failures += 1
+                self._create_failed(item, exc, failures, throttles)
                 continue
             self.lane.creates.succeeded()
             item.prediction_id = state.id
@@ -126,19 +130,29 @@ class Pipeline:
                 return state, created + self.generation_timeout, "GENERATION_TIMEOUT"
             return state, item.deadline, item.deadline_label
 
-    def _create_failed(self, item: GenerationItem, exc: BaseException, attempts: int) -> None:
-        """Decide about a failed create: raise ItemFailed, or return to try again."""
+    def _create_failed(self, item: GenerationItem, exc: BaseException, failures: int, throttles: int) -> None:
+        """Decide about a failed create: raise ItemFailed, or return to try again.
+
+        429s and faults (5xx, connection errors) have separate budgets: a throttle says
+        "not yet", a fault may mean the create half-happened (see README, Failure handling)."""
+        if isinstance(exc, UpstreamError) and exc.status in FAIL_FAST:
+            raise ItemFailed(f"Generation failed: {exc.detail}", exc.status, exc.invalid_fields) from None
+        if isinstance(exc, UpstreamError) and exc.status == 429:
+            self.lane.creates.throttled(exc.retry_after)
+            if throttles > self.throttle_retries:
+                raise ItemFailed(f"Generation failed: upstream kept throttling (429) after "
+                                 f"{throttles} attempts", 429)
+            self._pause_before_retry(item, exc.retry_after, throttles, f"upstream throttled: {exc.detail}")
+            return
         if isinstance(exc, UpstreamError):
-            if exc.status in FAIL_FAST:
-                raise ItemFailed(f"Generation failed: {exc.detail}", exc.status, exc.invalid_fields) from None
-            if exc.status == 429:
-                self.lane.creates.throttled(exc.retry_after)
-            reason, retry_after = f"upstream answered {exc.status}: {exc.detail}", exc.retry_after
+            reason = f"upstream answered {exc.status}: {exc.detail}"
         elif isinstance(exc, httpx.TransportError):
-            reason, retry_after = f"upstream unreachable ({type(exc).__name__})", None
+            reason = f"upstream unreachable ({type(exc).__name__})"
         else:
             raise exc
-        self._retry_or_fail(item, attempts, retry_after, reason)
+        if failures >= self.create_attempts:
+            raise ItemFailed(f"Generation failed: {reason} (gave up after {failures} attempts)", 502)
+        self._pause_before_retry(item, None, failures, reason)
 
     def _window_delay(self, item: GenerationItem) -> float:
         delay = self.lane.creates.reserve(latest=item.deadline)
@@ -146,9 +160,9 @@ class Pipeline:
             raise self._timed_out(item.timeout, item.deadline_label, "waiting for its turn in the rate limit")
         return delay
 
-    def _retry_or_fail(self, item: GenerationItem, attempts: int, retry_after: float | None, reason: str) -> None:
-        if attempts >= self.create_attempts:
-            raise ItemFailed(f"Generation failed: {reason} (gave up after {attempts} attempts)", 502)
+    def _pause_before_retry(self, item: GenerationItem, retry_after: float | None, attempts: int,
+                            reason: str) -> None:
+        """Wait what the upstream asked, else exponential backoff with jitter."""
         backoff = min(0.5 * 2 ** (attempts - 1), 30.0) * random.uniform(0.5, 1.5)
         delay = retry_after if retry_after is not None else backoff
         if self.clock() + delay >= item.deadline:

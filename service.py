@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -21,6 +22,8 @@ from upstream import SessionCache
 
 log = logging.getLogger(__name__)
 READ_BUDGET_SHARE = 0.9  # leave a tenth of the read budget for clock skew and other calls
+# Each create window is stretched by this margin: a create is counted upstream when it
+# arrives, which can be later than when it was booked here (a new connection, a busy core).
 
 
 class GenerationService:
@@ -29,12 +32,14 @@ class GenerationService:
         self.lanes = LaneManager(settings.concurrent_limit, settings.requests_per_minute,
                                  max(1, int(settings.reads_per_minute * READ_BUDGET_SHARE)),
                                  window=settings.rate_window, clock=clock,
-                                 margin=settings.rate_window / 120)
+                                 margin=max(0.25, settings.rate_window / 120))
         self.sessions = SessionCache(settings.base_url, keepalive=settings.concurrent_limit,
                                      pool_timeout=settings.pool_timeout)
         self.downloader = Downloader(new_session(settings.concurrent_limit),
                                      settings.max_download_bytes, settings.download_attempts,
                                      clock=clock)
+        self._active: set[GenerationItem] = set()
+        self._active_lock = threading.Lock()
         Path(settings.output_dir).mkdir(parents=True, exist_ok=True)
         removed = remove_partials(settings.output_dir)
         if removed:
@@ -53,14 +58,20 @@ class GenerationService:
         lane = self.lanes.lane(caller.account)
         pipeline = Pipeline(spec, lane, self.sessions.get(caller.token), self.downloader,
                             self.settings.generation_timeout, self.settings.prefer_wait,
-                            self.settings.create_attempts, self.clock)
-        for item in items:
-            lane.submit(functools.partial(pipeline.run, item))
-        for item in items:
-            item.done.wait(max(0.0, deadline - self.clock()))
-        for item in items:
-            if not item.done.is_set():
-                item.expire()
+                            self.settings.create_attempts, self.settings.throttle_retries, self.clock)
+        with self._active_lock:
+            self._active.update(items)
+        try:
+            for item in items:
+                lane.submit(functools.partial(pipeline.run, item))
+            for item in items:
+                item.done.wait(max(0.0, deadline - self.clock()))
+            for item in items:
+                if not item.done.is_set():
+                    item.expire()
+        finally:
+            with self._active_lock:
+                self._active.difference_update(items)
         _remove_if_empty(folder)
         return items
 
@@ -68,8 +79,11 @@ class GenerationService:
         return self.lanes.status()
 
     def shutdown(self) -> None:
+        """Stop: unfinished items are told to stop (their workers cancel upstream)."""
+        with self._active_lock:
+            for item in self._active:
+                item.cancelled.set()
         self.lanes.shutdown()
-        self.sessions.close()
 
 
 def _remove_if_empty(folder: Path) -> None:

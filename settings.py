@@ -73,7 +73,8 @@ TABLE: list[tuple[str, str, str, Callable[[str], Any]]] = [
     ("max_content_length", "MAX_CONTENT_LENGTH", str(16 * 1024 * 1024), _integer(1024, 1 << 30)),
     ("max_prompt_length", "MAX_PROMPT_LENGTH", "10000", _integer(1, 1000000)),
     ("prefer_wait", "REPLICATE_PREFER_WAIT_SECONDS", "60", _integer(0, 60)),
-    ("create_attempts", "REPLICATE_CREATE_ATTEMPTS", "6", _integer(1, 50)),
+    ("create_attempts", "REPLICATE_CREATE_ATTEMPTS", "4", _integer(1, 50)),
+    ("throttle_retries", "REPLICATE_THROTTLE_RETRIES", "20", _integer(0, 1000)),
     ("max_download_bytes", "MAX_DOWNLOAD_BYTES", str(100 * 1024 * 1024), _integer(1024, 1 << 34)),
     ("download_attempts", "DOWNLOAD_ATTEMPTS", "3", _integer(1, 20)),
     ("pool_timeout", "REPLICATE_POOL_TIMEOUT", "10", _seconds(0.1, 600)),
@@ -99,6 +100,7 @@ class Settings:
     max_prompt_length: int
     prefer_wait: int
     create_attempts: int
+    throttle_retries: int
     max_download_bytes: int
     download_attempts: int
     pool_timeout: float

@@ -15,9 +15,11 @@ from typing import Any
 
 import httpx
 import pydantic
+import pydantic.v1
 import replicate
 
 FINAL_STATUSES = ("succeeded", "failed", "canceled", "aborted")
+UNPARSEABLE = (pydantic.ValidationError, pydantic.v1.ValidationError)
 
 
 class UpstreamError(Exception):
@@ -57,14 +59,20 @@ def _retry_after(header: str | None, field: Any) -> float | None:
 
 
 class ErrorTransport(httpx.BaseTransport):
-    """Raises UpstreamError for any 4xx/5xx answer, so nothing retries behind our back."""
+    """Raises UpstreamError for any 4xx/5xx answer, so nothing retries behind our back, and
+    keeps this thread's last good answer: the client's model cannot parse every status."""
 
     def __init__(self, inner: httpx.BaseTransport) -> None:
         self._inner = inner
+        self._last = threading.local()
+
+    def last_body(self) -> bytes:
+        return getattr(self._last, "body", b"{}")
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         response = self._inner.handle_request(request)
         if response.status_code < 400:
+            self._last.body = response.read()
             return response
         try:
             response.read()
@@ -103,28 +111,29 @@ class UpstreamSession:
         # cap below it would turn a raised concurrency limit into pool timeouts.
         transport = httpx.HTTPTransport(limits=httpx.Limits(
             max_connections=None, max_keepalive_connections=keepalive))
+        self._transport = ErrorTransport(transport)
         self._client = replicate.Client(
             api_token=token, base_url=base_url,
             timeout=httpx.Timeout(10.0, connect=5.0, read=30.0, write=30.0, pool=pool_timeout),
-            transport=ErrorTransport(transport))
+            transport=self._transport)
+
+    def _call(self, method, *args: Any, **kwargs: Any) -> PredictionState:
+        try:
+            return _state(method(*args, **kwargs))
+        except UNPARSEABLE:
+            # replicate 1.0.7's model rejects `aborted`: read the same answer as plain JSON.
+            return _state(json.loads(self._transport.last_body()))
 
     def create(self, model: str, data: dict[str, Any], wait: int) -> PredictionState:
         """Create a prediction; with wait > 0 the upstream holds the answer up to `wait` s."""
-        return _state(self._client.models.predictions.create(
-            model=model, input=data, wait=wait if wait > 0 else False))
+        return self._call(self._client.models.predictions.create, model=model, input=data,
+                          wait=wait if wait > 0 else False)
 
     def get(self, prediction_id: str) -> PredictionState:
-        try:
-            return _state(self._client.predictions.get(prediction_id))
-        except pydantic.ValidationError:
-            # replicate 1.0.7 rejects `aborted`; read the same answer as plain JSON.
-            return _state(self._client._request("GET", f"/v1/predictions/{prediction_id}").json())
+        return self._call(self._client.predictions.get, prediction_id)
 
-    def cancel(self, prediction_id: str) -> None:
-        try:
-            self._client.predictions.cancel(prediction_id)
-        except pydantic.ValidationError:
-            pass  # the cancel went through; only the echoed status was unparseable
+    def cancel(self, prediction_id: str) -> PredictionState:
+        return self._call(self._client.predictions.cancel, prediction_id)
 
     def close(self) -> None:
         self._client._client.close()

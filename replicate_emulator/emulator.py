@@ -109,25 +109,35 @@ class Emulator:
         return p
 
     async def _run(self, p: Prediction, latency: float, hang: bool, fail: bool, marks: dict) -> None:
+        """starting -> processing -> final. Markers `[[abort]]`, `[[cancel]]`, `[[empty]]`
+        and `[[early_output]]` produce the odd endings a real upstream can show."""
         try:
             start_delay = min(self.faults.start_delay_s, latency)
             await asyncio.sleep(start_delay)
+            if "abort" in marks:
+                return self.finish(p, "aborted")
             p.status, p.started_at, p.started_t = "processing", now_iso(), time.monotonic()
             p.logs = f"Using seed: {p.seed}\n"
+            if "early_output" in marks:  # output visible while still processing
+                p.output = self._outputs(p, marks)
             if hang:
                 await asyncio.Event().wait()
             await asyncio.sleep(max(0.0, latency - start_delay))
             if fail:
                 self.finish(p, "failed", error="Prediction failed: injected failure")
+            elif "cancel" in marks:
+                self.finish(p, "canceled")
+            elif "empty" in marks:
+                self.finish(p, "succeeded", output=[] if schemas.MODELS[p.model]["output"] == "list" else None)
             else:
-                self.finish(p, "succeeded", output=self._outputs(p, marks))
+                self.finish(p, "succeeded", output=p.output or self._outputs(p, marks))
         except asyncio.CancelledError:
             pass
 
     def finish(self, p: Prediction, status: str, output: Any = None, error: str | None = None) -> None:
         if p.final:
             return
-        p.status, p.output, p.error = status, output, error
+        p.status, p.output, p.error = status, output if status == "succeeded" else None, error
         p.completed_at, p.completed_t = now_iso(), time.monotonic()
         if p.started_t is not None:
             p.predict_time = round(p.completed_t - p.started_t, 6)

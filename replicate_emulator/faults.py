@@ -4,7 +4,8 @@ Every setting can be given at start (flag `--set name=value` or env `EMULATOR_<N
 changed at run time with `PATCH /_emulator/faults`. Markers written into a prompt force a
 fault for that prediction alone, which keeps tests deterministic:
 `[[fail]]`, `[[hang]]`, `[[5xx]]`, `[[429]]`, `[[drop]]`, `[[404]]`, `[[truncate]]`,
-`[[latency=1.5]]`.
+`[[latency=1.5]]`, and the odd endings `[[abort]]`, `[[cancel]]`, `[[empty]]` (succeeded
+with no output) and `[[early_output]]` (output shown while still `processing`).
 """
 from __future__ import annotations
 

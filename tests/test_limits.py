@@ -84,19 +84,34 @@ def test_nobody_waits_behind_a_sleeper():
     assert other and other[0] > 60
 
 
-def test_throttle_pauses_and_halves_then_recovers():
+def test_a_scattered_throttle_only_pauses():
     clock = FakeClock()
     window = RateWindow(100, 60, clock)
-    window.throttled(5)
-    window.throttled(5)                     # the same throttle period: halved once
-    assert window.effective_limit == 50
-    assert window.reserve() == 5
+    for _ in range(11):
+        window.reserve()
+    window.throttled(5)                     # 1 refused of 11: the rate is not the problem
+    assert window.effective_limit == 100 and window.reserve() == 5
     clock.now += 6
-    window.throttled(None)                  # no Retry-After: one second, halved again
-    assert window.effective_limit == 25 and window.reserve() == 1
+    window.throttled(None)                  # no Retry-After: one second
+    assert window.reserve() == 1
+
+
+def test_a_mostly_refused_window_adopts_the_accepted_rate_then_recovers():
+    """Low-credit mode: the upstream accepts 6 a minute of the many sent."""
+    clock = FakeClock()
+    window = RateWindow(600, 60, clock)
+    for n in range(40):
+        window.reserve()
+    for _ in range(34):
+        window.throttled(5)                 # 34 of 40 refused
+    assert window.effective_limit == 6
+    clock.now += 61
     for _ in range(30):
         window.succeeded()
-    assert window.effective_limit == 100
+    assert 6 < window.effective_limit < 600   # recovers gradually, about a tenth per create
+    for _ in range(50):
+        window.succeeded()
+    assert window.effective_limit == 600
     window.set_limit(40)
     assert window.limit == window.effective_limit == 40
 
