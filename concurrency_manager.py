@@ -132,6 +132,10 @@ class RateWindow:
             start = max(now, self._paused_until, self._starts[-1] if self._starts else now)
             if len(self._starts) >= self._effective:
                 start = max(start, self._starts[-self._effective] + span)
+            if self._effective < self._limit and self._starts:
+                # Adapted to a throttling upstream: spread the starts evenly, since such an
+                # upstream allows no bursts (Replicate's low-credit mode: a burst of 1).
+                start = max(start, self._starts[-1] + span / self._effective)
             if latest is not None and start > latest:
                 return None
             self._starts.append(start)

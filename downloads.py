@@ -65,7 +65,7 @@ class Downloader:
             except (requests.RequestException, _Transient) as exc:
                 last = _describe(exc)
                 log.warning("download attempt %d of %s failed: %s", attempt, url, last)
-            backoff = min(0.5 * 2 ** (attempt - 1), 5.0)
+            backoff = min(0.2 * 2 ** (attempt - 1), 3.0)
             if attempt == self._attempts or self._clock() + backoff >= deadline:
                 break
             self._sleep(backoff)

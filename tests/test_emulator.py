@@ -280,9 +280,9 @@ def test_latency_distributions():
     assert 0.8 < samples[1000] < 1.25 and samples[1980] > 5 * samples[1000]
 
 
-def raw_create(emulator_server, prompt="x", token="f"):
+def raw_create(emulator_server, prompt="x", token="f", wait=5):
     return requests.post(f"{emulator_server.url}/v1/models/qwen/qwen-image/predictions",
-                         headers={"Authorization": f"Bearer {token}", "Prefer": "wait=5"},
+                         headers={"Authorization": f"Bearer {token}", "Prefer": f"wait={wait}"},
                          json={"input": {"prompt": prompt}}, timeout=10)
 
 
@@ -311,10 +311,10 @@ def test_dropped_connection_after_create(emulator_server, emu):
 
 def test_hanging_predictions(emulator_server, emu):
     emu.set_faults(hang_rate=1.0)
-    hung = raw_create(emulator_server).json()
+    hung = raw_create(emulator_server, wait=1).json()
     emu.set_faults(hang_rate=0.0)
     assert raw_create(emulator_server).json()["status"] == "succeeded"
-    assert raw_create(emulator_server, "x [[hang]]").json()["status"] == "processing"
+    assert raw_create(emulator_server, "x [[hang]]", wait=1).json()["status"] == "processing"
     assert hung["status"] == "processing"
 
 

@@ -106,6 +106,8 @@ def test_a_mostly_refused_window_adopts_the_accepted_rate_then_recovers():
         window.throttled(5)                 # 34 of 40 refused
     assert window.effective_limit == 6
     clock.now += 61
+    assert [window.reserve() for _ in range(3)] == [0, 10, 20]  # spread: no bursts
+    clock.now += 61
     for _ in range(30):
         window.succeeded()
     assert 6 < window.effective_limit < 600   # recovers gradually, about a tenth per create
