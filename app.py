@@ -16,7 +16,10 @@ from flask import Flask
 
 from errors import register_error_handlers
 from redaction import Redactor
+from jobs import JobManager
+from journal import Journal
 from routes import bp
+from routes_jobs import bp as jobs_bp
 from service import GenerationService
 from settings import ConfigError, Settings
 
@@ -41,10 +44,14 @@ def create_app(config: Mapping[str, str] | None = None) -> Flask:
     app.json.sort_keys = False
     app.extensions["settings"] = settings
     app.extensions["redactor"] = redactor
-    app.extensions["generation"] = GenerationService(settings)
+    service = GenerationService(settings)
+    app.extensions["generation"] = service
+    app.extensions["jobs"] = JobManager(settings, service, Journal(settings.jobs_db))
     register_error_handlers(app)
     app.register_blueprint(bp)
+    app.register_blueprint(jobs_bp)
     _warn_about_access(settings)
+    app.extensions["jobs"].resume()  # finish what a previous process started
     return app
 
 

@@ -9,6 +9,8 @@ prediction instead of leaving it running and billing.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import os
 import random
@@ -21,7 +23,7 @@ import httpx
 
 from concurrency_manager import Lane
 from downloads import DownloadError, Downloader
-from files import final_stems, place
+from files import PART_PREFIX, final_stems, place
 from model_functions import ModelSpec, outputs_of
 from upstream import PredictionState, UpstreamError, UpstreamSession
 
@@ -46,26 +48,40 @@ class GenerationItem:
     status: int | None = None            # an upstream status worth passing on (401/402/422)
     invalid_fields: list | None = None
     prediction_id: str | None = None
+    sent_after: float | None = None      # resumed: a create may have been sent after this (wall time)
+    hooks: Any = None                    # the journal's listener (jobs.ItemHooks), if any
+    state: str = "queued"                # queued, then succeeded | failed | canceled
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)
+    done_callbacks: list = dataclasses.field(default_factory=list)
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
     cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
-    def succeed(self, files: list[str]) -> None:
+    def fail(self, message: str, status: int | None = None, invalid_fields: list | None = None,
+             state: str = "failed") -> None:
         with self.lock:
-            if not self.done.is_set():
-                self.files = files
-                self.done.set()
-
-    def fail(self, message: str, status: int | None = None, invalid_fields: list | None = None) -> None:
-        with self.lock:
-            if not self.done.is_set():
-                self.error, self.status, self.invalid_fields = message, status, invalid_fields
-                self.done.set()
+            if self.done.is_set():
+                return
+            self.error, self.status, self.invalid_fields, self.state = message, status, invalid_fields, state
+            self.done.set()
+        self.notify("done")
 
     def expire(self) -> None:
         """The request's time is up: fail the item now and tell its worker to stop."""
         self.fail(f"Generation timed out after {self.timeout:g} s ({self.deadline_label})", 504)
         self.cancelled.set()
+
+    def cancel(self) -> None:
+        """Canceled by its owner: stop now; the worker cancels the upstream prediction."""
+        self.fail("Canceled by request", 499, state="canceled")
+        self.cancelled.set()
+
+    def notify(self, event: str) -> None:
+        if self.hooks is not None:
+            getattr(self.hooks, event)(self)
+        if event == "done":
+            for callback in self.done_callbacks:
+                callback(self)
 
 
 class ItemFailed(Exception):
@@ -91,7 +107,7 @@ class Pipeline:
         if item.cancelled.is_set():
             return
         try:
-            state, deadline, label = self._create(item)  # counted in flight from here
+            state, deadline, label = self._start(item)  # counted in flight from here
             try:
                 state = self._until_final(item, state, deadline, label)
             finally:
@@ -105,6 +121,37 @@ class Pipeline:
             item.fail("Generation failed: internal error (see the service log)")
 
     # -- create ------------------------------------------------------------------------
+    def _start(self, item: GenerationItem) -> tuple[PredictionState, float, str]:
+        """Create the prediction, or pick up the one an earlier process created."""
+        if item.prediction_id is None and item.sent_after is not None:
+            found = self._find_lost(item)  # a create was sent, but its answer was never journaled
+            if found is not None:
+                item.prediction_id = found.id
+                item.notify("created")
+        if item.prediction_id is None:
+            return self._create(item)
+        self.lane.prediction_started()
+        state = PredictionState(item.prediction_id, "starting")
+        return state, self._deadline_from(item, self.clock())
+
+    def _find_lost(self, item: GenerationItem) -> PredictionState | None:
+        """The prediction a create without an answer made, from the upstream's recent list,
+        matched by the exact input sent; None if there is none (or the list cannot be read:
+        then a duplicate create is the lesser harm than a lost item)."""
+        claimed = item.hooks.claimed() if item.hooks is not None else set()
+        for attempt in range(3):
+            self._pause(item, self.lane.reads.reserve(), item.deadline)
+            try:
+                return self.session.find_recent(item.data, since=(item.sent_after or 0) - 30, exclude=claimed)
+            except (UpstreamError, httpx.TransportError) as exc:
+                log.warning("looking up a lost create failed (attempt %d): %s", attempt + 1, exc)
+        return None
+
+    def _deadline_from(self, item: GenerationItem, created: float) -> tuple[float, str]:
+        if created + self.generation_timeout < item.deadline:
+            return created + self.generation_timeout, "GENERATION_TIMEOUT"
+        return item.deadline, item.deadline_label
+
     def _create(self, item: GenerationItem) -> tuple[PredictionState, float, str]:
         failures = throttles = 0
         while True:
@@ -112,23 +159,29 @@ class Pipeline:
             # In flight from the moment the create is sent: with `Prefer: wait` the answer
             # may only come when the prediction is already done.
             self.lane.prediction_started()
+            item.sent_after = time.time()
+            item.notify("create_sent")
             try:
                 wait = min(self.prefer_wait, int(item.deadline - self.clock()))
                 state = self.session.create(self.spec.replicate_name, item.data, wait)
             except BaseException as exc:
                 self.lane.prediction_ended()
-                if isinstance(exc, UpstreamError) and exc.status == 429:
-                    throttles += 1
-                else:
-                    failures += 1
-                self._create_failed(item, exc, failures, throttles)
-                continue
+                # A connection lost after sending may have created it: look before creating again.
+                found = self._find_lost(item) if isinstance(exc, httpx.TransportError) else None
+                if found is None:
+                    if isinstance(exc, UpstreamError) and exc.status == 429:
+                        throttles += 1
+                    else:
+                        failures += 1
+                    self._create_failed(item, exc, failures, throttles)
+                    continue
+                self.lane.prediction_started()
+                state = found
             self.lane.creates.succeeded()
             item.prediction_id = state.id
-            created = self.clock()
-            if created + self.generation_timeout < item.deadline:
-                return state, created + self.generation_timeout, "GENERATION_TIMEOUT"
-            return state, item.deadline, item.deadline_label
+            item.timings["created"] = time.time()
+            item.notify("created")
+            return (state, *self._deadline_from(item, self.clock()))
 
     def _create_failed(self, item: GenerationItem, exc: BaseException, failures: int, throttles: int) -> None:
         """Decide about a failed create: raise ItemFailed, or return to try again.
@@ -243,8 +296,10 @@ class Pipeline:
 
     def _place(self, item: GenerationItem, temps: list[tuple[Path, str]]) -> None:
         names = [f"{stem}.{ext}" for stem, (_, ext) in zip(final_stems(item.stem, len(temps)), temps)]
+        item.timings["completed"] = time.time()
+        digests = [_sha256(path) for path, _ in temps]
         with item.lock:
-            if item.done.is_set():  # the request already answered (timed out): keep nothing
+            if item.done.is_set():  # the request already answered (timed out, canceled): keep nothing
                 for path, _ in temps:
                     path.unlink(missing_ok=True)
                 return
@@ -258,8 +313,33 @@ class Pipeline:
                     path.unlink(missing_ok=True)
                 for name in placed:
                     (item.folder / name).unlink(missing_ok=True)
-                item.error, item.status = "Generation failed: an output name is already taken", 409
+                item.error, item.status, item.state = "Generation failed: an output name is already taken", 409, "failed"
                 item.done.set()
-                return
-            item.files = [os.path.join(item.shown_folder, name) for name in names]
-            item.done.set()
+            else:
+                for name, digest in zip(names, digests):
+                    self._write_provenance(item, name, digest)
+                item.files = [os.path.join(item.shown_folder, name) for name in names]
+                item.state = "succeeded"
+                item.done.set()
+        item.notify("done")
+
+    def _write_provenance(self, item: GenerationItem, name: str, digest: str) -> None:
+        """`<name>.json` beside the image: what made it, when, and its SHA-256."""
+        record = {
+            "file": name, "sha256": digest, "prompt": item.prompt, "model": self.spec.id,
+            "replicate_model": self.spec.replicate_name, "prediction_id": item.prediction_id,
+            "parameters": {k: v for k, v in item.data.items() if k != "prompt"},
+            "created_at": item.timings.get("created"), "completed_at": item.timings.get("completed"),
+        }
+        target = item.folder / (os.path.splitext(name)[0] + ".json")
+        temp = target.with_name(f"{PART_PREFIX}{target.name}")
+        temp.write_text(json.dumps(record, indent=2, ensure_ascii=False))
+        os.replace(temp, target)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 16), b""):
+            digest.update(block)
+    return digest.hexdigest()

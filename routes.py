@@ -36,6 +36,7 @@ def _json_object() -> dict[str, Any]:
 def _caller() -> Caller:
     caller = authenticate(request.headers, _settings())
     current_app.extensions["redactor"].add(caller.token)
+    current_app.extensions["jobs"].adopt(caller)
     return caller
 
 
@@ -106,8 +107,8 @@ def generate():
     stems = (check_names([name], "custom_filename", _outputs_each(params)) if name is not None
              else default_stems(spec.id, 1, batch=False))
     settings = _settings()
-    [item] = _service().run(caller, spec, [prompt], stems, params,
-                            settings.generation_timeout, "GENERATION_TIMEOUT")
+    [item] = current_app.extensions["jobs"].run_sync(caller, spec, [prompt], stems, params,
+                                                     settings.generation_timeout, "GENERATION_TIMEOUT")
     if item.error:
         raise _item_error(item)
     return jsonify({"success": True, "model_name": spec.id, "files": item.files,
@@ -143,7 +144,8 @@ def generate_batch():
     prompts, stems = _check_batch(body, params)
     stems = stems or default_stems(spec.id, len(prompts), batch=True)
     settings = _settings()
-    items = _service().run(caller, spec, prompts, stems, params, settings.batch_timeout, "BATCH_TIMEOUT")
+    items = current_app.extensions["jobs"].run_sync(caller, spec, prompts, stems, params,
+                                                    settings.batch_timeout, "BATCH_TIMEOUT")
     failed = [i for i in items if i.error]
     statuses = {i.status for i in failed}
     if len(failed) == len(items) and len(statuses) == 1 and statuses <= {401, 402}:

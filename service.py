@@ -45,35 +45,37 @@ class GenerationService:
         if removed:
             log.info("removed %d partial download(s) left by an earlier run", removed)
 
-    def run(self, caller: Caller, spec: ModelSpec, prompts: list[str], stems: list[str],
-            params: dict[str, Any], timeout: float, label: str) -> list[GenerationItem]:
-        """Generate every prompt (at once, up to the caller's limits); return the items in
-        prompt order, each with its files or its error, no later than `timeout` seconds."""
-        deadline = self.clock() + timeout
+    def new_folder(self) -> tuple[Path, str]:
+        """A fresh output folder for one request or job, and how responses show it."""
         folder = new_request_folder(self.settings.output_dir)
-        shown = os.path.join(self.settings.output_dir, folder.name)
-        items = [GenerationItem(index, prompt, stem, {"prompt": prompt, **params}, folder, shown,
-                                deadline, label, timeout)
-                 for index, (prompt, stem) in enumerate(zip(prompts, stems))]
+        return folder, os.path.join(self.settings.output_dir, folder.name)
+
+    def start(self, caller: Caller, spec: ModelSpec, items: list[GenerationItem]) -> None:
+        """Queue every item in the caller's lane; they run at once up to the limits."""
         lane = self.lanes.lane(caller.account)
         pipeline = Pipeline(spec, lane, self.sessions.get(caller.token), self.downloader,
                             self.settings.generation_timeout, self.settings.prefer_wait,
                             self.settings.create_attempts, self.settings.throttle_retries, self.clock)
         with self._active_lock:
             self._active.update(items)
-        try:
-            for item in items:
-                lane.submit(functools.partial(pipeline.run, item))
-            for item in items:
-                item.done.wait(max(0.0, deadline - self.clock()))
-            for item in items:
-                if not item.done.is_set():
-                    item.expire()
-        finally:
-            with self._active_lock:
-                self._active.difference_update(items)
-        _remove_if_empty(folder)
-        return items
+        for item in items:
+            item.done_callbacks.append(self._forget)
+            lane.submit(functools.partial(pipeline.run, item))
+
+    def _forget(self, item: GenerationItem) -> None:
+        with self._active_lock:
+            self._active.discard(item)
+
+    def wait(self, items: list[GenerationItem], deadline: float) -> None:
+        """Block until every item is done or `deadline` passes; late items are expired
+        (failed with a timeout, their predictions canceled upstream)."""
+        for item in items:
+            item.done.wait(max(0.0, deadline - self.clock()))
+        for item in items:
+            if not item.done.is_set():
+                item.expire()
+        if items:
+            _remove_if_empty(items[0].folder)
 
     def status(self) -> dict[str, int]:
         return self.lanes.status()

@@ -78,6 +78,11 @@ TABLE: list[tuple[str, str, str, Callable[[str], Any]]] = [
     ("max_download_bytes", "MAX_DOWNLOAD_BYTES", str(100 * 1024 * 1024), _integer(1024, 1 << 34)),
     ("download_attempts", "DOWNLOAD_ATTEMPTS", "3", _integer(1, 20)),
     ("pool_timeout", "REPLICATE_POOL_TIMEOUT", "10", _seconds(0.1, 600)),
+    ("jobs_db", "JOBS_DB", "", _text),
+    ("job_timeout", "JOB_TIMEOUT", "3600", _seconds(1, 7 * 86400)),
+    ("webhook_secret", "WEBHOOK_SECRET", "", _text),
+    ("webhook_allow_private", "WEBHOOK_ALLOW_PRIVATE", "false", _boolean),
+    ("webhook_attempts", "WEBHOOK_ATTEMPTS", "8", _integer(1, 50)),
 ]
 
 
@@ -104,6 +109,11 @@ class Settings:
     max_download_bytes: int
     download_attempts: int
     pool_timeout: float
+    jobs_db: str
+    job_timeout: float
+    webhook_secret: str
+    webhook_allow_private: bool
+    webhook_attempts: int
 
     @classmethod
     def from_mapping(cls, source: Mapping[str, str]) -> "Settings":
@@ -115,15 +125,17 @@ class Settings:
             try:
                 values[attribute] = parse(raw)
             except ValueError:
-                shown = "(hidden)" if "TOKEN" in variable or "KEY" in variable else repr(raw)
+                shown = "(hidden)" if any(w in variable for w in ("TOKEN", "KEY", "SECRET")) else repr(raw)
                 raise ConfigError(f"{variable}={shown} is not valid: expected {parse.accepts}") from None
+        if not values["jobs_db"]:  # beside the files it describes (the same Docker volume)
+            values["jobs_db"] = f"{values['output_dir'].rstrip('/')}/.jobs.sqlite3"
         return cls(**values)
 
     @property
     def secrets(self) -> list[str]:
-        return [s for s in (self.replicate_api_token, self.admin_api_key) if s]
+        return [s for s in (self.replicate_api_token, self.admin_api_key, self.webhook_secret) if s]
 
     def public(self) -> dict[str, Any]:
         """The settings a client may see (no token, no key)."""
-        hidden = {"replicate_api_token", "admin_api_key"}
+        hidden = {"replicate_api_token", "admin_api_key", "webhook_secret"}
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in hidden}

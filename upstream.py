@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import threading
+from datetime import datetime
 from typing import Any
 
 import httpx
@@ -96,6 +97,13 @@ class PredictionState:
         return self.status in FINAL_STATUSES
 
 
+def _created_at(prediction: dict) -> float:
+    try:
+        return datetime.fromisoformat(str(prediction.get("created_at")).replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return float("inf")  # unknown: keep looking
+
+
 def _state(prediction: Any) -> PredictionState:
     if isinstance(prediction, dict):
         return PredictionState(str(prediction.get("id")), str(prediction.get("status")),
@@ -134,6 +142,21 @@ class UpstreamSession:
 
     def cancel(self, prediction_id: str) -> PredictionState:
         return self._call(self._client.predictions.cancel, prediction_id)
+
+    def find_recent(self, data: dict[str, Any], since: float, exclude: set[str]) -> PredictionState | None:
+        """The newest prediction created after `since` (wall time) whose input equals `data`
+        and whose id is not in `exclude`; reads `GET /v1/predictions` page by page."""
+        cursor, pages = "/v1/predictions", 0
+        while cursor and pages < 20:
+            page = self._client._request("GET", cursor).json()
+            pages += 1
+            for found in page.get("results") or []:
+                if _created_at(found) < since:
+                    return None
+                if found.get("input") == data and found.get("id") not in exclude:
+                    return _state(found)
+            cursor = page.get("next")
+        return None
 
     def close(self) -> None:
         self._client._client.close()

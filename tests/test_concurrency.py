@@ -178,4 +178,5 @@ def test_a_failure_does_not_affect_other_items(service, emu):
     assert "injected failure" in failed[1]["error"] and "404" in failed[3]["error"]
     assert all(f["prompt"] == prompts[i] for i, f in failed.items())
     folder = Path(body["successful_results"][0]["files"][0]).parent
-    assert sorted(p.name for p in folder.iterdir()) == ["flux_dev_0.webp", "flux_dev_2.webp", "flux_dev_4.webp"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "flux_dev_0.json", "flux_dev_0.webp", "flux_dev_2.json", "flux_dev_2.webp", "flux_dev_4.json", "flux_dev_4.webp"]

@@ -1,0 +1,94 @@
+"""The job API: submit, watch, list, cancel, retry, and download saved files."""
+from __future__ import annotations
+
+import hashlib
+import json
+
+from flask import Blueprint, current_app, jsonify, request, send_file
+
+from errors import ServiceError
+from files import check_names, default_stems
+from jobs import JobManager
+from routes import _caller, _check_batch, _check_fields, _check_prompt, _json_object, _outputs_each, _settings
+from model_functions import build_input, resolve_model
+from webhooks import check_target
+
+bp = Blueprint("jobs", __name__)
+MAX_KEY = 200
+
+
+def _jobs() -> JobManager:
+    return current_app.extensions["jobs"]
+
+
+def _prompts(body: dict, params: dict) -> tuple[list[str], list[str] | None]:
+    """A job takes the body of /generate-batch, or a single `prompt` (+ `custom_filename`)."""
+    if "prompts" in body:
+        if "prompt" in body or "custom_filename" in body:
+            raise ServiceError(400, "Give either 'prompts' (with 'custom_filenames') or 'prompt' "
+                               "(with 'custom_filename'), not both")
+        return _check_batch(body, params)
+    prompt = _check_prompt(body.get("prompt"), "prompt")
+    name = body.get("custom_filename")
+    return [prompt], (check_names([name], "custom_filename", _outputs_each(params)) if name is not None else None)
+
+
+@bp.post("/jobs")
+def submit():
+    caller = _caller()
+    body = _json_object()
+    spec = resolve_model(body.get("model_name"))
+    fields = {"model_name", "prompt", "prompts", "custom_filename", "custom_filenames", "webhook"}
+    params = build_input(spec, _check_fields(body, spec, fields))
+    prompts, stems = _prompts(body, params)
+    settings = _settings()
+    webhook = body.get("webhook")
+    if webhook is not None:
+        if not settings.webhook_secret:
+            raise ServiceError(400, "Webhooks need WEBHOOK_SECRET to be configured on the server")
+        check_target(webhook, settings.webhook_allow_private)
+    key = request.headers.get("Idempotency-Key")
+    if key is not None and not 0 < len(key) <= MAX_KEY:
+        raise ServiceError(400, f"Idempotency-Key must be 1 to {MAX_KEY} characters")
+    digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+    stems = stems or default_stems(spec.id, len(prompts), batch="prompts" in body)
+    job_id, new = _jobs().submit(caller, spec, prompts, stems, params, webhook, key, digest)
+    status = _jobs().journal.job(job_id)["status"]
+    response = jsonify({"job_id": job_id, "status": status, "status_url": f"/jobs/{job_id}"})
+    response.headers["Location"] = f"/jobs/{job_id}"
+    return response, 202 if new else 200
+
+
+@bp.get("/jobs/<job_id>")
+def show(job_id: str):
+    return jsonify(_jobs().render(_jobs().visible(job_id, _caller())))
+
+
+@bp.get("/jobs")
+def listing():
+    caller = _caller()
+    try:
+        page = int(request.args.get("page", "1"))
+        per_page = int(request.args.get("per_page", "20"))
+    except ValueError:
+        raise ServiceError(400, "page and per_page must be whole numbers") from None
+    if page < 1 or not 1 <= per_page <= 100:
+        raise ServiceError(400, "page must be at least 1 and per_page from 1 to 100")
+    return jsonify(_jobs().list(caller, page, per_page))
+
+
+@bp.post("/jobs/<job_id>/cancel")
+def cancel(job_id: str):
+    job = _jobs().cancel(job_id, _caller())
+    return jsonify({"job_id": job["id"], "status": job["status"], "status_url": f"/jobs/{job['id']}"})
+
+
+@bp.post("/jobs/<job_id>/retry")
+def retry(job_id: str):
+    again = _jobs().retry(job_id, _caller())
+    return jsonify({"job_id": job_id, "retried": again, "status_url": f"/jobs/{job_id}"}), 202
+
+
+@bp.get("/files/<path:relative>")
+def download(relative: str):
+    return send_file(_jobs().file_path(relative, _caller()), conditional=True)
