@@ -131,8 +131,8 @@ class Pipeline:
         if item.prediction_id is None:
             return self._create(item)
         self.lane.prediction_started()
-        state = PredictionState(item.prediction_id, "starting")
-        return state, self._deadline_from(item, self.clock())
+        state = PredictionState(item.prediction_id, "starting")  # read on the first poll
+        return (state, *self._deadline_from(item, self.clock()))
 
     def _find_lost(self, item: GenerationItem) -> PredictionState | None:
         """The prediction a create without an answer made, from the upstream's recent list,
