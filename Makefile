@@ -23,3 +23,6 @@ emulator: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
+
+bench: install
+	$(PY) -m bench

@@ -5,7 +5,7 @@ from typing import Any
 
 from flask import Blueprint, current_app, jsonify, request
 
-from auth import Caller, authenticate, is_admin_key, require_admin
+from auth import Caller, authenticate, require_admin
 from errors import ServiceError
 from files import check_names, default_stems
 from generation import GenerationItem
@@ -184,5 +184,3 @@ def configure():
     _service().lanes.configure(limit, rpm)
     return jsonify({"success": True, "concurrency_status": _service().status()})
 
-
-__all__ = ["bp", "is_admin_key"]

@@ -14,24 +14,22 @@ class ConfigError(ValueError):
     """A setting has a value the service cannot run with."""
 
 
-def _integer(low: int, high: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        value = int(text)
+def _ranged(kind: type, low: float, high: float, noun: str) -> Callable[[str], Any]:
+    def parse(text: str):
+        value = kind(text)
         if not low <= value <= high:
             raise ValueError
         return value
-    parse.accepts = f"a whole number from {low} to {high}"
+    parse.accepts = f"{noun} from {low:g} to {high:g}"
     return parse
+
+
+def _integer(low: int, high: int) -> Callable[[str], int]:
+    return _ranged(int, low, high, "a whole number")
 
 
 def _seconds(low: float, high: float) -> Callable[[str], float]:
-    def parse(text: str) -> float:
-        value = float(text)
-        if not low <= value <= high:
-            raise ValueError
-        return value
-    parse.accepts = f"a number of seconds from {low:g} to {high:g}"
-    return parse
+    return _ranged(float, low, high, "a number of seconds")
 
 
 def _text(text: str) -> str:
