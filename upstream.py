@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import threading
 from datetime import datetime
@@ -111,19 +112,50 @@ def _state(prediction: Any) -> PredictionState:
     return PredictionState(prediction.id, prediction.status, prediction.output, prediction.error)
 
 
+SHARD_SIZE = 64  # connections per HTTP pool: httpcore scans its whole pool on every request
+
+
 class UpstreamSession:
-    """One account's client. Thread-safe: httpx clients are."""
+    """One account's client(s). Thread-safe: httpx clients are.
+
+    A prediction holds a connection for as long as `Prefer: wait` holds it, so an account
+    with 1000 slots keeps ~1000 connections open. One httpcore pool of 1000 costs O(pool)
+    CPU per request; so the session keeps one client per SHARD_SIZE slots and each thread
+    sticks to one of them.
+    """
 
     def __init__(self, token: str, base_url: str, keepalive: int, pool_timeout: float) -> None:
+        shards = max(1, -(-keepalive // SHARD_SIZE))
         # No cap on connections: the slot pool already bounds how many run at once, and a
         # cap below it would turn a raised concurrency limit into pool timeouts.
-        transport = httpx.HTTPTransport(limits=httpx.Limits(
-            max_connections=None, max_keepalive_connections=keepalive))
-        self._transport = ErrorTransport(transport)
-        self._client = replicate.Client(
+        self._shards = [self._build(token, base_url, min(keepalive, SHARD_SIZE), pool_timeout)
+                        for _ in range(shards)]
+        self._local = threading.local()
+        self._next = itertools.count()
+
+    @staticmethod
+    def _build(token: str, base_url: str, keepalive: int, pool_timeout: float) -> tuple:
+        transport = ErrorTransport(httpx.HTTPTransport(limits=httpx.Limits(
+            max_connections=None, max_keepalive_connections=keepalive)))
+        client = replicate.Client(
             api_token=token, base_url=base_url,
             timeout=httpx.Timeout(10.0, connect=5.0, read=30.0, write=30.0, pool=pool_timeout),
-            transport=self._transport)
+            transport=transport)
+        return client, transport
+
+    @property
+    def _client(self) -> replicate.Client:
+        return self._shard()[0]
+
+    @property
+    def _transport(self) -> ErrorTransport:
+        return self._shard()[1]
+
+    def _shard(self) -> tuple:
+        shard = getattr(self._local, "shard", None)
+        if shard is None:
+            shard = self._local.shard = self._shards[next(self._next) % len(self._shards)]
+        return shard
 
     def _call(self, method, *args: Any, **kwargs: Any) -> PredictionState:
         try:
@@ -159,7 +191,8 @@ class UpstreamSession:
         return None
 
     def close(self) -> None:
-        self._client._client.close()
+        for client, _ in self._shards:
+            client._client.close()
 
 
 def account_key(token: str) -> str:

@@ -28,7 +28,7 @@ def table(rows: list[dict]) -> str:
                          f"{_targets(r)} |")
             continue
         base = f"{b['seconds']} ({b['completed']}/{b['total']})" if b else "–"
-        ratio = r.get("service_over_baseline_time", "–")
+        ratio = r.get("service_over_baseline_time", "baseline incomplete" if b else "–")
         lines.append(f"| {r['workload']} | {r['n']} | {r['lower_bound_s']} | {s['seconds']} ({s['completed']}) | "
                      f"{r['efficiency']} | {base} | {ratio} | {s['cpu_ms_per_generation']} | {s['peak_rss_mb']} | "
                      f"{s['peak_threads']} | {_targets(r)} |")

@@ -78,8 +78,9 @@ def _compare(name: str, bound: float, service: dict, baseline: dict | None, coun
            "efficiency": round(bound / service["seconds"], 3)}
     if baseline is not None:
         row["baseline"] = baseline
-        row["baseline_efficiency"] = round(bound / baseline["seconds"], 3)
-        row["service_over_baseline_time"] = round(service["seconds"] / baseline["seconds"], 3)
+        if baseline["completed"] == baseline["total"]:  # a time for an unfinished batch means nothing
+            row["baseline_efficiency"] = round(bound / baseline["seconds"], 3)
+            row["service_over_baseline_time"] = round(service["seconds"] / baseline["seconds"], 3)
     return row
 
 
