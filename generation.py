@@ -48,7 +48,7 @@ class GenerationItem:
     status: int | None = None            # an upstream status worth passing on (401/402/422)
     invalid_fields: list | None = None
     prediction_id: str | None = None
-    sent_after: float | None = None      # resumed: a create may have been sent after this (wall time)
+    sent_after: float | None = None      # when the last create was sent (wall time): finds a lost answer
     hooks: Any = None                    # the journal's listener (jobs.ItemHooks), if any
     state: str = "queued"                # queued, then succeeded | failed | canceled
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
@@ -123,11 +123,6 @@ class Pipeline:
     # -- create ------------------------------------------------------------------------
     def _start(self, item: GenerationItem) -> tuple[PredictionState, float, str]:
         """Create the prediction, or pick up the one an earlier process created."""
-        if item.prediction_id is None and item.sent_after is not None:
-            found = self._find_lost(item)  # a create was sent, but its answer was never journaled
-            if found is not None:
-                item.prediction_id = found.id
-                item.notify("created")
         if item.prediction_id is None:
             return self._create(item)
         self.lane.prediction_started()

@@ -30,6 +30,10 @@ def owner_of(caller: Caller) -> str:
     return "admin" if caller.is_admin else f"user:{caller.account}"
 
 
+def _input_key(data: Any) -> str:
+    return json.dumps(data, sort_keys=True)
+
+
 def _iso(stamp: float | None) -> str | None:
     return None if stamp is None else datetime.fromtimestamp(stamp, timezone.utc).isoformat(timespec="seconds")
 
@@ -44,12 +48,14 @@ class ItemHooks:
         return set(self._claimed)
 
     def create_sent(self, item: GenerationItem) -> None:
-        self._manager.journal.set_item(self._job_id, item.index, status="running", create_sent_at=item.sent_after,
-                                       started_at=item.timings.setdefault("started", time.time()))
+        """Not journaled: a create whose answer is lost is found again at resume by one scan
+        of the upstream's recent predictions, so creates never wait on the journal."""
+        item.timings.setdefault("started", time.time())
 
     def created(self, item: GenerationItem) -> None:
         self._claimed.add(item.prediction_id)
-        self._manager.journal.set_item(self._job_id, item.index, prediction_id=item.prediction_id)
+        self._manager.journal.set_item(self._job_id, item.index, status="running", prediction_id=item.prediction_id,
+                                       started_at=item.timings.get("started", time.time()))
 
     def done(self, item: GenerationItem) -> None:
         self._manager.journal.set_item(self._job_id, item.index, status=item.state, files=item.files,
@@ -77,10 +83,13 @@ class JobManager:
                              [(i, p, s) for i, (p, s) in enumerate(zip(prompts, stems))])
         return job_id
 
-    def _launch(self, caller: Caller, job_id: str, timeout: float, label: str) -> list[GenerationItem]:
+    def _launch(self, caller: Caller, job_id: str, timeout: float, label: str,
+                resuming: bool = False) -> list[GenerationItem]:
         """Build the unfinished items of a job from the journal and start them."""
         job = self.journal.job(job_id)
         spec, params = resolve_model(job["model"]), json.loads(job["params"])
+        if resuming:
+            self._recover_lost_creates(caller, job, params)
         rows = self.journal.items(job_id)
         claimed = {r["prediction_id"] for r in rows if r["prediction_id"]}
         hooks = ItemHooks(self, job_id, claimed)
@@ -88,8 +97,7 @@ class JobManager:
         shown = os.path.join(self.settings.output_dir, job["folder"])
         deadline = self.service.clock() + timeout
         items = [GenerationItem(r["idx"], r["prompt"], r["stem"], {"prompt": r["prompt"], **params}, folder, shown,
-                                deadline, label, timeout, prediction_id=r["prediction_id"],
-                                sent_after=r["create_sent_at"] if not r["prediction_id"] else None, hooks=hooks)
+                                deadline, label, timeout, prediction_id=r["prediction_id"], hooks=hooks)
                  for r in rows if r["status"] not in FINAL_ITEM]
         with self._lock:
             self._running[job_id] = {"items": items, "remaining": len(items)}
@@ -99,6 +107,26 @@ class JobManager:
         else:
             self.item_done(job_id, count=0)
         return items
+
+    def _recover_lost_creates(self, caller: Caller, job: dict, params: dict) -> None:
+        """Items with no journaled prediction may still have one upstream (the last process
+        died before the create's answer came back). One scan of the account's predictions
+        since the job began, matched by the exact input, adopts them instead of creating
+        them again."""
+        rows = [r for r in self.journal.items(job["id"]) if r["status"] not in FINAL_ITEM]
+        missing = [r for r in rows if not r["prediction_id"]]
+        if not missing:
+            return
+        claimed = {r["prediction_id"] for r in self.journal.items(job["id"]) if r["prediction_id"]}
+        session = self.service.sessions.get(caller.token)
+        upstream: dict[str, list[str]] = {}
+        for found in reversed(session.recent_since(job["created_at"] - 30)):  # oldest first
+            if found["id"] not in claimed:
+                upstream.setdefault(_input_key(found.get("input")), []).append(found["id"])
+        for row in missing:
+            ids = upstream.get(_input_key({"prompt": row["prompt"], **params}))
+            if ids:
+                self.journal.set_item(job["id"], row["idx"], status="running", prediction_id=ids.pop(0))
 
     def item_done(self, job_id: str, count: int = 1) -> None:
         with self._lock:
@@ -231,7 +259,7 @@ class JobManager:
                     continue
                 log.info("resuming job %s", job["id"])
                 self._launch(Caller(self.settings.replicate_api_token, True), job["id"],
-                             self.settings.job_timeout, "JOB_TIMEOUT")
+                             self.settings.job_timeout, "JOB_TIMEOUT", resuming=True)
             else:
                 self._orphans.setdefault(job["owner"], []).append(job["id"])
         for job in self.journal.undelivered_webhooks():
@@ -245,4 +273,4 @@ class JobManager:
             waiting = self._orphans.pop(owner_of(caller), [])
         for job_id in waiting:
             log.info("resuming job %s for its owner", job_id)
-            self._launch(caller, job_id, self.settings.job_timeout, "JOB_TIMEOUT")
+            self._launch(caller, job_id, self.settings.job_timeout, "JOB_TIMEOUT", resuming=True)

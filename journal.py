@@ -39,7 +39,6 @@ CREATE TABLE IF NOT EXISTS items (
     stem TEXT NOT NULL,
     status TEXT NOT NULL,              -- queued running succeeded failed canceled
     prediction_id TEXT,
-    create_sent_at REAL,               -- wall time the last create was sent (for lost answers)
     files TEXT NOT NULL DEFAULT '[]',
     error TEXT,
     started_at REAL,
@@ -129,7 +128,7 @@ class Journal:
     def reset_items(self, job_id: str, indexes: list[int]) -> None:
         """Make failed items runnable again (retry): same names, fresh state."""
         marks = ",".join("?" * len(indexes))
-        self._run(f"UPDATE items SET status = 'queued', prediction_id = NULL, create_sent_at = NULL, "
+        self._run(f"UPDATE items SET status = 'queued', prediction_id = NULL, "
                   f"error = NULL, files = '[]', started_at = NULL, finished_at = NULL "
                   f"WHERE job_id = ? AND idx IN ({marks})", [job_id, *indexes])
 

@@ -175,19 +175,27 @@ class UpstreamSession:
     def cancel(self, prediction_id: str) -> PredictionState:
         return self._call(self._client.predictions.cancel, prediction_id)
 
-    def find_recent(self, data: dict[str, Any], since: float, exclude: set[str]) -> PredictionState | None:
-        """The newest prediction created after `since` (wall time) whose input equals `data`
-        and whose id is not in `exclude`; reads `GET /v1/predictions` page by page."""
-        cursor, pages = "/v1/predictions", 0
-        while cursor and pages < 20:
+    def recent_since(self, since: float, max_pages: int = 100) -> list[dict[str, Any]]:
+        """The account's predictions created after `since` (wall time), newest first, read
+        from `GET /v1/predictions` page by page."""
+        found, cursor = [], "/v1/predictions"
+        for _ in range(max_pages):
             page = self._client._request("GET", cursor).json()
-            pages += 1
-            for found in page.get("results") or []:
-                if _created_at(found) < since:
-                    return None
-                if found.get("input") == data and found.get("id") not in exclude:
-                    return _state(found)
+            for prediction in page.get("results") or []:
+                if _created_at(prediction) < since:
+                    return found
+                found.append(prediction)
             cursor = page.get("next")
+            if not cursor:
+                break
+        return found
+
+    def find_recent(self, data: dict[str, Any], since: float, exclude: set[str]) -> PredictionState | None:
+        """The newest prediction created after `since` whose input equals `data` and whose
+        id is not in `exclude` (a create whose answer was lost)."""
+        for prediction in self.recent_since(since, max_pages=5):
+            if prediction.get("input") == data and prediction.get("id") not in exclude:
+                return _state(prediction)
         return None
 
     def close(self) -> None:
