@@ -246,10 +246,6 @@ class LaneManager:
         self._lock = threading.Lock()
         self._executor = ThreadPoolExecutor(max_workers=MAX_THREADS, thread_name_prefix="generation")
 
-    @property
-    def limits(self) -> tuple[int, int]:
-        return self._limit, self._rpm
-
     def lane(self, key: str) -> Lane:
         with self._lock:
             lane = self._lanes.get(key)

@@ -18,7 +18,7 @@ SERVICE_NAME = "replicate-concurrent-generation"
 PASSED_ON = {401, 402, 409, 422, 504}
 
 
-def _settings() -> Settings:
+def current_settings() -> Settings:
     return current_app.extensions["settings"]
 
 
@@ -26,15 +26,15 @@ def _service() -> GenerationService:
     return current_app.extensions["generation"]
 
 
-def _json_object() -> dict[str, Any]:
+def json_object() -> dict[str, Any]:
     data = request.get_json(force=True, silent=True)
     if not isinstance(data, dict):
         raise ServiceError(400, "Request body must be a JSON object (Content-Type: application/json)")
     return data
 
 
-def _caller() -> Caller:
-    caller = authenticate(request.headers, _settings())
+def current_caller() -> Caller:
+    caller = authenticate(request.headers, current_settings())
     current_app.extensions["redactor"].add(caller.token)
     current_app.extensions["jobs"].adopt(caller)
     return caller
@@ -49,7 +49,7 @@ def health():
 
 @bp.get("/status")
 def status():
-    settings = _settings()
+    settings = current_settings()
     return jsonify({"status": "running", "service": SERVICE_NAME,
                     "concurrency_status": _service().status(),
                     "admin_access_enabled": bool(settings.admin_api_key),
@@ -66,7 +66,7 @@ def models():
     return jsonify({"supported_models": supported_models(), "models": describe_models()})
 
 
-def _check_fields(body: dict, spec: ModelSpec, request_fields: set[str]) -> dict[str, Any]:
+def check_fields(body: dict, spec: ModelSpec, request_fields: set[str]) -> dict[str, Any]:
     """Refuse unknown fields (a typo must not be dropped); return the model parameters."""
     allowed = request_fields | set(spec.params)
     unknown = sorted(str(k) for k in body if k not in allowed)
@@ -77,8 +77,8 @@ def _check_fields(body: dict, spec: ModelSpec, request_fields: set[str]) -> dict
     return {k: v for k, v in body.items() if k in spec.params}
 
 
-def _check_prompt(value: Any, field: str) -> str:
-    limit = _settings().max_prompt_length
+def check_prompt(value: Any, field: str) -> str:
+    limit = current_settings().max_prompt_length
     if not isinstance(value, str) or not value.strip():
         raise ServiceError(400, f"Invalid value for '{field}': a non-empty string is required", field=field)
     if len(value) > limit:
@@ -87,26 +87,26 @@ def _check_prompt(value: Any, field: str) -> str:
     return value
 
 
-def _outputs_each(params: dict[str, Any]) -> int:
+def outputs_each(params: dict[str, Any]) -> int:
     return params.get("num_outputs") or 1
 
 
 def _prepare(request_fields: set[str]) -> tuple[Caller, dict, ModelSpec, dict]:
-    caller = _caller()
-    body = _json_object()
+    caller = current_caller()
+    body = json_object()
     spec = resolve_model(body.get("model_name"))
-    params = build_input(spec, _check_fields(body, spec, request_fields))
+    params = build_input(spec, check_fields(body, spec, request_fields))
     return caller, body, spec, params
 
 
 @bp.post("/generate")
 def generate():
     caller, body, spec, params = _prepare({"model_name", "prompt", "custom_filename"})
-    prompt = _check_prompt(body.get("prompt"), "prompt")
+    prompt = check_prompt(body.get("prompt"), "prompt")
     name = body.get("custom_filename")
-    stems = (check_names([name], "custom_filename", _outputs_each(params)) if name is not None
+    stems = (check_names([name], "custom_filename", outputs_each(params)) if name is not None
              else default_stems(spec.id, 1, batch=False))
-    settings = _settings()
+    settings = current_settings()
     [item] = current_app.extensions["jobs"].run_sync(caller, spec, [prompt], stems, params,
                                                      settings.generation_timeout, "GENERATION_TIMEOUT")
     if item.error:
@@ -120,30 +120,30 @@ def _item_error(item: GenerationItem) -> ServiceError:
     return ServiceError(item.status if item.status in PASSED_ON else 500, item.error, **extra)
 
 
-def _check_batch(body: dict, params: dict) -> tuple[list[str], list[str] | None]:
+def check_batch(body: dict, params: dict) -> tuple[list[str], list[str] | None]:
     prompts, names = body.get("prompts"), body.get("custom_filenames")
-    limit = _settings().max_batch_size
+    limit = current_settings().max_batch_size
     if not isinstance(prompts, list) or not prompts:
         raise ServiceError(400, "Invalid value for 'prompts': a non-empty list of strings is required",
                            field="prompts")
     if len(prompts) > limit:
         raise ServiceError(400, f"Too many prompts: {len(prompts)}; the limit is {limit} (MAX_BATCH_SIZE)",
                            field="prompts")
-    prompts = [_check_prompt(p, f"prompts[{i}]") for i, p in enumerate(prompts)]
+    prompts = [check_prompt(p, f"prompts[{i}]") for i, p in enumerate(prompts)]
     if names is None:
         return prompts, None
     if not isinstance(names, list) or len(names) != len(prompts):
         raise ServiceError(400, "Invalid value for 'custom_filenames': a list with one name per prompt "
                            f"is required ({len(prompts)} prompts)", field="custom_filenames")
-    return prompts, check_names(names, "custom_filenames", _outputs_each(params))
+    return prompts, check_names(names, "custom_filenames", outputs_each(params))
 
 
 @bp.post("/generate-batch")
 def generate_batch():
     caller, body, spec, params = _prepare({"model_name", "prompts", "custom_filenames"})
-    prompts, stems = _check_batch(body, params)
+    prompts, stems = check_batch(body, params)
     stems = stems or default_stems(spec.id, len(prompts), batch=True)
-    settings = _settings()
+    settings = current_settings()
     items = current_app.extensions["jobs"].run_sync(caller, spec, prompts, stems, params,
                                                     settings.batch_timeout, "BATCH_TIMEOUT")
     failed = [i for i in items if i.error]
@@ -172,8 +172,8 @@ def _limit_value(body: dict, field: str, high: int) -> int | None:
 
 @bp.post("/configure")
 def configure():
-    require_admin(request.headers, _settings())
-    body = _json_object()
+    require_admin(request.headers, current_settings())
+    body = json_object()
     unknown = sorted(set(body) - {"concurrent_limit", "requests_per_minute"})
     if unknown:
         raise ServiceError(400, f"Unknown field(s) {unknown}; allowed: concurrent_limit, requests_per_minute")

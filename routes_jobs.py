@@ -9,7 +9,8 @@ from flask import Blueprint, current_app, jsonify, request, send_file
 from errors import ServiceError
 from files import check_names, default_stems
 from jobs import JobManager
-from routes import _caller, _check_batch, _check_fields, _check_prompt, _json_object, _outputs_each, _settings
+from routes import (check_batch, check_fields, check_prompt, current_caller, current_settings, json_object,
+                    outputs_each)
 from model_functions import build_input, resolve_model
 from webhooks import check_target
 
@@ -27,21 +28,21 @@ def _prompts(body: dict, params: dict) -> tuple[list[str], list[str] | None]:
         if "prompt" in body or "custom_filename" in body:
             raise ServiceError(400, "Give either 'prompts' (with 'custom_filenames') or 'prompt' "
                                "(with 'custom_filename'), not both")
-        return _check_batch(body, params)
-    prompt = _check_prompt(body.get("prompt"), "prompt")
+        return check_batch(body, params)
+    prompt = check_prompt(body.get("prompt"), "prompt")
     name = body.get("custom_filename")
-    return [prompt], (check_names([name], "custom_filename", _outputs_each(params)) if name is not None else None)
+    return [prompt], (check_names([name], "custom_filename", outputs_each(params)) if name is not None else None)
 
 
 @bp.post("/jobs")
 def submit():
-    caller = _caller()
-    body = _json_object()
+    caller = current_caller()
+    body = json_object()
     spec = resolve_model(body.get("model_name"))
     fields = {"model_name", "prompt", "prompts", "custom_filename", "custom_filenames", "webhook"}
-    params = build_input(spec, _check_fields(body, spec, fields))
+    params = build_input(spec, check_fields(body, spec, fields))
     prompts, stems = _prompts(body, params)
-    settings = _settings()
+    settings = current_settings()
     webhook = body.get("webhook")
     if webhook is not None:
         if not settings.webhook_secret:
@@ -61,12 +62,12 @@ def submit():
 
 @bp.get("/jobs/<job_id>")
 def show(job_id: str):
-    return jsonify(_jobs().render(_jobs().visible(job_id, _caller())))
+    return jsonify(_jobs().render(_jobs().visible(job_id, current_caller())))
 
 
 @bp.get("/jobs")
 def listing():
-    caller = _caller()
+    caller = current_caller()
     try:
         page = int(request.args.get("page", "1"))
         per_page = int(request.args.get("per_page", "20"))
@@ -79,16 +80,16 @@ def listing():
 
 @bp.post("/jobs/<job_id>/cancel")
 def cancel(job_id: str):
-    job = _jobs().cancel(job_id, _caller())
+    job = _jobs().cancel(job_id, current_caller())
     return jsonify({"job_id": job["id"], "status": job["status"], "status_url": f"/jobs/{job['id']}"})
 
 
 @bp.post("/jobs/<job_id>/retry")
 def retry(job_id: str):
-    again = _jobs().retry(job_id, _caller())
+    again = _jobs().retry(job_id, current_caller())
     return jsonify({"job_id": job_id, "retried": again, "status_url": f"/jobs/{job_id}"}), 202
 
 
 @bp.get("/files/<path:relative>")
 def download(relative: str):
-    return send_file(_jobs().file_path(relative, _caller()), conditional=True)
+    return send_file(_jobs().file_path(relative, current_caller()), conditional=True)
