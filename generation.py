@@ -155,7 +155,7 @@ class Pipeline:
             # may only come when the prediction is already done.
             self.lane.prediction_started()
             item.sent_after = time.time()
-            item.notify("create_sent")
+            item.timings.setdefault("started", item.sent_after)
             try:
                 wait = min(self.prefer_wait, int(item.deadline - self.clock()))
                 state = self.session.create(self.spec.replicate_name, item.data, wait)

@@ -39,18 +39,15 @@ def _iso(stamp: float | None) -> str | None:
 
 
 class ItemHooks:
-    """Writes an item's steps to the journal as they happen."""
+    """Writes an item's steps to the journal as they happen. A sent create is not journaled:
+    a create whose answer is lost is found again at resume by one scan of the upstream's
+    recent predictions, so creates never wait on the journal."""
 
     def __init__(self, manager: "JobManager", job_id: str, claimed: set[str]) -> None:
         self._manager, self._job_id, self._claimed = manager, job_id, claimed
 
     def claimed(self) -> set[str]:
         return set(self._claimed)
-
-    def create_sent(self, item: GenerationItem) -> None:
-        """Not journaled: a create whose answer is lost is found again at resume by one scan
-        of the upstream's recent predictions, so creates never wait on the journal."""
-        item.timings.setdefault("started", time.time())
 
     def created(self, item: GenerationItem) -> None:
         self._claimed.add(item.prediction_id)
@@ -113,11 +110,11 @@ class JobManager:
         died before the create's answer came back). One scan of the account's predictions
         since the job began, matched by the exact input, adopts them instead of creating
         them again."""
-        rows = [r for r in self.journal.items(job["id"]) if r["status"] not in FINAL_ITEM]
-        missing = [r for r in rows if not r["prediction_id"]]
+        rows = self.journal.items(job["id"])
+        missing = [r for r in rows if r["status"] not in FINAL_ITEM and not r["prediction_id"]]
         if not missing:
             return
-        claimed = {r["prediction_id"] for r in self.journal.items(job["id"]) if r["prediction_id"]}
+        claimed = {r["prediction_id"] for r in rows if r["prediction_id"]}
         session = self.service.sessions.get(caller.token)
         upstream: dict[str, list[str]] = {}
         for found in reversed(session.recent_since(job["created_at"] - 30)):  # oldest first

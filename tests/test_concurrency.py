@@ -104,32 +104,33 @@ def _intervals(emu):
     return [(p["created_t"], p["completed_t"]) for p in emu.predictions()]
 
 
-def test_configure_raises_the_limit_mid_batch(make_service, emu):
+def _configure_mid_batch(make_service, emu, before: int, after: int) -> float:
+    """A 24-prompt batch at limit `before`, changed to `after` once `before` are running;
+    returns the emulator's time of the change."""
     emu.set_faults(latency_s=0.4)
-    service = make_service(REPLICATE_CONCURRENT_LIMIT=2)
+    service = make_service(REPLICATE_CONCURRENT_LIMIT=before)
     with ThreadPoolExecutor(1) as pool:
         running = pool.submit(batch, service, [f"p{i}" for i in range(24)])
-        wait_for(lambda: len(emu.predictions()) >= 2)
-        assert service.post("/configure", {"concurrent_limit": 6}, ADMIN).status_code == 200
+        wait_for(lambda: len(emu.predictions()) >= before)
+        assert service.post("/configure", {"concurrent_limit": after}, ADMIN).status_code == 200
+        changed_at = emu.stats()["now"]
         assert running.result().json()["successful_count"] == 24
+    assert service.get("/status").json()["concurrency_status"]["slots_in_use"] == 0
+    return changed_at
+
+
+def test_configure_raises_the_limit_mid_batch(make_service, emu):
+    _configure_mid_batch(make_service, emu, 2, 6)
     assert emu.stats()["max_in_flight"] == 6
 
 
 def test_configure_lowers_the_limit_mid_batch(make_service, emu):
-    emu.set_faults(latency_s=0.4)
-    service = make_service(REPLICATE_CONCURRENT_LIMIT=6)
-    with ThreadPoolExecutor(1) as pool:
-        running = pool.submit(batch, service, [f"p{i}" for i in range(24)])
-        wait_for(lambda: len(emu.predictions()) >= 6)
-        assert service.post("/configure", {"concurrent_limit": 2}, ADMIN).status_code == 200
-        lowered_at = emu.stats()["now"]
-        assert running.result().json()["successful_count"] == 24
+    lowered_at = _configure_mid_batch(make_service, emu, 6, 2)
     intervals = _intervals(emu)
     assert max_overlap(intervals) == 6
     for start, _ in intervals:
         if start > lowered_at:  # admitted after the change: at most 2 running, itself included
             assert sum(1 for s, e in intervals if s <= start < e) <= 2
-    assert service.get("/status").json()["concurrency_status"]["slots_in_use"] == 0
 
 
 def test_status_reports_real_in_flight_counts(make_service, emu):
