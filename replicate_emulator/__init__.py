@@ -2,6 +2,6 @@
 from .app import EmulatorServer, create_app
 from .emulator import Emulator
 from .faults import Faults
-from .images import read_stamp
+from .media import read_stamp
 
 __all__ = ["Emulator", "EmulatorServer", "Faults", "create_app", "read_stamp"]

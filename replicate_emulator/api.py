@@ -6,15 +6,16 @@ import time
 
 from aiohttp import web
 
-from . import schemas
+from . import catalog, media, schemas
 from .emulator import (UPLOAD_LIMIT, _base, _emu, _json_body, ok_json, parse_duration,
                        parse_wait, problem, throttled)
 from .faults import decide, markers
-from .images import render
 from .state import new_id, now_iso
 
 routes = web.RouteTableDef()
 TOKEN = web.RequestKey("token", str)
+NOT_FOUND = "The requested resource could not be found."
+NO_SUCH_VERSION = "The specified version does not exist (or perhaps you don't have permission to use it?)"
 
 
 @web.middleware
@@ -37,33 +38,64 @@ async def auth_and_limits(request: web.Request, handler):
     return await handler(request)
 
 
+def _attempt(request: web.Request) -> None:
+    """Every create that gets past auth counts, whatever its fate, so a test can prove that
+    the service refused bad input without calling upstream at all."""
+    emu, token = _emu(request), request[TOKEN]
+    emu.stats.count("create_attempts", token)
+    emu.stats.stamp(emu.stats.attempt_times, token)
+
+
+def _ref(request: web.Request) -> str:
+    return f"{request.match_info['owner']}/{request.match_info['name']}"
+
+
 @routes.post("/v1/models/{owner}/{name}/predictions")
 async def create_for_model(request: web.Request) -> web.StreamResponse:
-    model = f"{request.match_info['owner']}/{request.match_info['name']}"
-    if model not in schemas.MODELS:
-        return problem(404, "The requested resource could not be found.")
+    """Official models only; a community model must be run by version."""
+    _attempt(request)
+    model = catalog.MODELS.get(_ref(request))
+    if model is None:
+        return problem(404, NOT_FOUND)
+    if not model.official:
+        return problem(404, NO_SUCH_VERSION)
     body = await _json_body(request)
     if isinstance(body, web.Response):
         return body
-    return await _create(request, model, body)
+    return await _create(request, model.latest, body)
 
 
 @routes.post("/v1/predictions")
 async def create_for_version(request: web.Request) -> web.StreamResponse:
+    _attempt(request)
     body = await _json_body(request)
     if isinstance(body, web.Response):
         return body
-    version = body.get("version")
-    if not isinstance(version, str) or not version:
+    ref = body.get("version")
+    if not isinstance(ref, str) or not ref:
         return problem(422, "- version: version is required\n", title="Input validation failed",
                        invalid_fields=[{"type": "required", "field": "version",
                                         "description": "version is required"}])
-    name, _, digest = version.partition(":")
-    by_digest = {schemas.version_id(m): m for m in schemas.MODELS}
-    model = by_digest.get(name) if ":" not in version and "/" not in version else name
-    if model not in schemas.MODELS or (digest and digest != schemas.version_id(model)):
-        return problem(404, "The requested resource could not be found.")
-    return await _create(request, model, body)
+    try:
+        version = catalog.version_for_ref(ref)
+    except catalog.InvalidVersion:
+        return problem(422, NO_SUCH_VERSION, title="Invalid version or not permitted")
+    if version is None:
+        return problem(404, NOT_FOUND)
+    return await _create(request, version, body)
+
+
+@routes.post("/v1/deployments/{owner}/{name}/predictions")
+async def create_for_deployment(request: web.Request) -> web.StreamResponse:
+    """Runs the version of the deployment's current release."""
+    _attempt(request)
+    deployment = catalog.DEPLOYMENTS.get(_ref(request))
+    if deployment is None:
+        return problem(404, NOT_FOUND)
+    body = await _json_body(request)
+    if isinstance(body, web.Response):
+        return body
+    return await _create(request, deployment.version, body, deployment=_ref(request))
 
 
 def _throttle_create(request: web.Request, marks: dict) -> web.Response | None:
@@ -79,16 +111,15 @@ def _throttle_create(request: web.Request, marks: dict) -> web.Response | None:
     return None if wait is None else throttled(wait, with_header=True)
 
 
-async def _create(request: web.Request, model: str, body: dict) -> web.StreamResponse:
+async def _create(request: web.Request, version: catalog.Version, body: dict,
+                  deployment: str | None = None) -> web.StreamResponse:
     emu, token = _emu(request), request[TOKEN]
-    emu.stats.count("create_attempts", token)
-    emu.stats.stamp(emu.stats.attempt_times, token)
     if emu.token_state(token) == "no_credit":
         return problem(402, "You have insufficient credit to run this model. Go to "
                        "https://replicate.com/account/billing to purchase credit.",
                        title="Insufficient credit")
     data = body.get("input")
-    marks = markers(data.get("prompt")) if isinstance(data, dict) else {}
+    marks = markers(data.get(version.main_input)) if isinstance(data, dict) else {}
     refused = _throttle_create(request, marks)
     if refused is not None:
         emu.stats.count("throttled", token)
@@ -97,7 +128,7 @@ async def _create(request: web.Request, model: str, body: dict) -> web.StreamRes
         emu.stats.count("errors_5xx", token)
         status = emu.rng.choice([500, 502, 503])
         return problem(status, "Internal server error", title="Server error")
-    errors = schemas.validate(model, data)
+    errors = schemas.validate(version.openapi_schema, version.properties, data, version.model)
     if errors:
         emu.stats.count("invalid", token)
         return problem(422, schemas.problem_detail(errors), title="Input validation failed",
@@ -107,7 +138,7 @@ async def _create(request: web.Request, model: str, body: dict) -> web.StreamRes
         cancel_after = parse_duration(request.headers["Cancel-After"])
         if cancel_after is None or cancel_after < emu.faults.cancel_after_min_s:
             return problem(400, "Cancel-After must be a duration of at least 5s, like 30s or 1h30m")
-    p = emu.start(model, token, data, _base(request))
+    p = emu.start(version, token, data, _base(request), deployment)
     emu.stats.count("creates", token)
     emu.stats.stamp(emu.stats.create_times, token)
     if cancel_after is not None:
@@ -178,22 +209,6 @@ async def list_predictions(request: web.Request) -> web.Response:
                     "results": [p.to_json(base) for p in page]})
 
 
-@routes.get("/v1/models/{owner}/{name}")
-async def get_model(request: web.Request) -> web.Response:
-    model = f"{request.match_info['owner']}/{request.match_info['name']}"
-    if model not in schemas.MODELS:
-        return problem(404, "The requested resource could not be found.")
-    owner, name = model.split("/")
-    return ok_json({
-        "url": f"https://replicate.com/{model}", "owner": owner, "name": name,
-        "description": f"Emulated {model}", "visibility": "public", "github_url": None,
-        "paper_url": None, "license_url": None, "run_count": 0, "cover_image_url": None,
-        "default_example": None,
-        "latest_version": {"id": schemas.version_id(model), "created_at": "2024-08-01T00:00:00Z",
-                           "cog_version": "0.9.0", "openapi_schema": schemas.openapi_schema(model)},
-    })
-
-
 @routes.post("/v1/files")
 async def upload_file(request: web.Request) -> web.Response:
     if (request.content_length or 0) > UPLOAD_LIMIT:
@@ -234,15 +249,14 @@ async def delivery(request: web.Request) -> web.StreamResponse:
         return web.Response(status=404, text="Not Found")
     if f.data is None:
         f.data = await asyncio.get_running_loop().run_in_executor(
-            None, render, f.stamp, f.fmt, f.aspect_ratio)
+            None, media.render_file, f.stamp, f.fmt, f.aspect_ratio)
     emu.stats.count("downloads")
     truncate = f.truncate or decide(emu.rng, emu.faults.truncate_rate, {}, "truncate")
     return await _send(request, f.data, truncate, emu.faults.download_bytes_per_s)
 
 
 async def _send(request: web.Request, data: bytes, truncate: bool, rate: float) -> web.StreamResponse:
-    content_type = {"webp": "image/webp", "jpg": "image/jpeg", "png": "image/png"}[
-        request.match_info["name"].rsplit(".", 1)[-1]]
+    content_type = media.CONTENT_TYPES[request.match_info["name"].rsplit(".", 1)[-1]]
     response = web.StreamResponse(headers={"Content-Type": content_type})
     response.content_length = len(data)
     await response.prepare(request)

@@ -7,7 +7,7 @@ import threading
 
 from aiohttp import web
 
-from . import api, control
+from . import api, catalog_api, control
 from .emulator import EMULATOR_KEY, Emulator
 
 log = logging.getLogger(__name__)
@@ -17,6 +17,7 @@ def create_app(emulator: Emulator) -> web.Application:
     app = web.Application(middlewares=[api.auth_and_limits], client_max_size=110 * 1024 * 1024)
     app[EMULATOR_KEY] = emulator
     app.add_routes(api.routes)
+    app.add_routes(catalog_api.routes)
     app.add_routes(control.routes)
     return app
 

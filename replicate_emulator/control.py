@@ -54,6 +54,7 @@ async def stats(request: web.Request) -> web.Response:
 async def predictions(request: web.Request) -> web.Response:
     emu = _emu(request)
     return ok_json([{"id": p.id, "token": p.token, "model": p.model, "status": p.status,
+                     "version": p.version.id if p.version else None, "deployment": p.deployment,
                      "input": p.input, "created_t": round(p.created_t - emu.stats.epoch, 6),
                      "completed_t": None if p.completed_t is None else round(p.completed_t - emu.stats.epoch, 6)}
                     for p in emu.predictions.values()])

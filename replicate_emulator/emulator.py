@@ -12,9 +12,8 @@ from typing import Any
 
 from aiohttp import web
 
-from . import schemas
+from . import catalog, media, outputs
 from .faults import Faults, decide, markers
-from .images import render
 from .state import Prediction, OutputFile, Stats, Windows, new_id, now_iso
 
 JSON_TYPE = "application/json"
@@ -95,9 +94,11 @@ class Emulator:
             self.faults = Faults(**self.initial_faults.as_dict())
 
     # -- lifecycle -------------------------------------------------------------
-    def start(self, model: str, token: str, data: dict, base: str) -> Prediction:
-        marks = markers(data.get("prompt"))
-        p = Prediction(id=new_id(), model=model, token=token, input=data)
+    def start(self, version: catalog.Version, token: str, data: dict, base: str,
+              deployment: str | None = None) -> Prediction:
+        marks = markers(data.get(version.main_input))
+        p = Prediction(id=new_id(), model=version.model, token=token, input=data, version=version,
+                       official=catalog.MODELS[version.model].official, deployment=deployment)
         p.base = base
         p.seed = data.get("seed") if data.get("seed") is not None else self.rng.randrange(2**31)
         latency = float(marks["latency"]) if marks.get("latency") else self.faults.sample_latency(self.rng)
@@ -128,7 +129,7 @@ class Emulator:
             elif "cancel" in marks:
                 self.finish(p, "canceled")
             elif "empty" in marks:
-                self.finish(p, "succeeded", output=[] if schemas.MODELS[p.model]["output"] == "list" else None)
+                self.finish(p, "succeeded", output=[] if outputs.shape(p.version) == "list" else None)
             else:
                 self.finish(p, "succeeded", output=p.output or self._outputs(p, marks))
         except asyncio.CancelledError:
@@ -150,22 +151,22 @@ class Emulator:
                 task.cancel()
 
     def _outputs(self, p: Prediction, marks: dict) -> Any:
-        spec = schemas.MODELS[p.model]
-        props = spec["properties"]
-        fmt = p.input.get("output_format") or props["output_format"]["default"]
-        ratio = p.input.get("aspect_ratio") or props["aspect_ratio"]["default"]
-        count = p.input.get("num_outputs", 1) if spec["output"] == "list" else 1
-        urls = []
-        for index in range(count):
-            key = f"{p.id}/out-{index}.{fmt}"
-            stamp = {"model": p.model, "prompt": p.input.get("prompt"), "seed": p.seed,
-                     "index": index, "format": fmt, "aspect_ratio": ratio}
+        """The output the version's Output schema describes; files are registered here and
+        rendered on first download."""
+        kind, planned = outputs.plan(p.version, p.input, p.seed)
+        if kind == "text":
+            return media.text(planned[0][2])
+        urls = {}
+        for name, fmt, stamp in planned:
+            key = f"{p.id}/{name}.{fmt}"
             self.files[key] = OutputFile(
-                stamp=stamp, fmt=fmt, aspect_ratio=ratio, created=time.monotonic(),
+                stamp=stamp, fmt=fmt, aspect_ratio=stamp["aspect_ratio"], created=time.monotonic(),
                 missing=decide(self.rng, self.faults.output_404_rate, marks, "404"),
                 truncate="truncate" in marks)
-            urls.append(f"{p.base}/delivery/{key}")
-        return urls if spec["output"] == "list" else urls[0]
+            urls[name] = f"{p.base}/delivery/{key}"
+        if kind == "object":
+            return urls
+        return list(urls.values()) if kind == "list" else urls["out-0"]
 
     def expire(self, p: Prediction) -> None:
         if p.completed_t and time.monotonic() - p.completed_t > self.faults.output_ttl_s:

@@ -1,116 +1,128 @@
-"""The three models' input schemas, as Replicate publishes them (OpenAPI), and a validator.
+"""OpenAPI 3.0.2 documents as Cog writes them, and a validator that reads them.
 
 Kept apart from the service's own parameter table on purpose: the emulator checks the
-service's validation from the outside, so the two must not share code.
+service's validation from the outside, so the two must not share code. The validator works
+from the published document itself (resolving `allOf: [{"$ref": ...}]` enums and honouring
+`nullable`), so what a client can read from `GET /v1/models/...` is exactly what is enforced.
 """
 from __future__ import annotations
 
-import hashlib
+import dataclasses
+import json
 import math
 from typing import Any
 from urllib.parse import urlparse
 
-FLUX_DEV_RATIOS = ["1:1", "16:9", "21:9", "3:2", "2:3", "4:5", "5:4", "3:4", "4:3", "9:16", "9:21"]
-KONTEXT_RATIOS = ["match_input_image", "1:1", "16:9", "9:16", "4:3", "3:4", "3:2", "2:3",
-                  "4:5", "5:4", "21:9", "9:21", "2:1", "1:2"]
-QWEN_RATIOS = ["16:9", "1:1", "9:16", "4:3", "3:4", "3:2", "2:3"]
+NO_DEFAULT = object()
 
 
-def _uri(description: str) -> dict:
-    return {"type": "string", "format": "uri", "description": description}
+@dataclasses.dataclass(frozen=True)
+class Choice:
+    """An enum parameter; Cog writes it as a named component referenced through `allOf`."""
+    values: tuple
+    default: Any = NO_DEFAULT
+    description: str = ""
 
 
-def _num(kind: str, minimum: float | None, maximum: float | None, default: Any) -> dict:
-    out: dict = {"type": kind, "default": default}
+def field(kind: str, description: str, default: Any = NO_DEFAULT, minimum: float | None = None,
+          maximum: float | None = None, nullable: bool = False, fmt: str | None = None) -> dict:
+    """One Input property in Cog's shape (`title` and `x-order` are added by `cog_schema`)."""
+    spec: dict[str, Any] = {"type": kind, "description": description}
+    if fmt:
+        spec["format"] = fmt
+    if default is not NO_DEFAULT:
+        spec["default"] = default
     if minimum is not None:
-        out["minimum"] = minimum
+        spec["minimum"] = minimum
     if maximum is not None:
-        out["maximum"] = maximum
-    return out
+        spec["maximum"] = maximum
+    if nullable:
+        spec["nullable"] = True
+    return spec
 
 
-def _enum(values: list, default: Any) -> dict:
-    return {"type": "string", "enum": values, "default": default}
+def uri(description: str) -> dict:
+    return field("string", description, fmt="uri")
 
 
-MODELS: dict[str, dict] = {
-    "black-forest-labs/flux-dev": {
-        "output": "list",
-        "properties": {
-            "prompt": {"type": "string"},
-            "aspect_ratio": _enum(FLUX_DEV_RATIOS, "1:1"),
-            "image": _uri("Input image for image-to-image mode"),
-            "prompt_strength": _num("number", 0, 1, 0.8),
-            "num_outputs": _num("integer", 1, 4, 1),
-            "num_inference_steps": _num("integer", 1, 50, 28),
-            "guidance": _num("number", 0, 10, 3),
-            "seed": {"type": "integer"},
-            "output_format": _enum(["webp", "jpg", "png"], "webp"),
-            "output_quality": _num("integer", 0, 100, 80),
-            "disable_safety_checker": {"type": "boolean", "default": False},
-            "go_fast": {"type": "boolean", "default": True},
-            "megapixels": _enum(["1", "0.25"], "1"),
-        },
-    },
-    "black-forest-labs/flux-kontext-max": {
-        "output": "single",
-        "properties": {
-            "prompt": {"type": "string"},
-            "input_image": _uri("Image to use as reference (jpeg, png, gif, webp)"),
-            "aspect_ratio": _enum(KONTEXT_RATIOS, "match_input_image"),
-            "output_format": _enum(["png", "jpg"], "png"),
-            "seed": {"type": "integer"},
-            "safety_tolerance": _num("integer", 0, 6, 2),
-            "prompt_upsampling": {"type": "boolean", "default": False},
-        },
-    },
-    "qwen/qwen-image": {
-        "output": "list",
-        "properties": {
-            "prompt": {"type": "string"},
-            "seed": {"type": "integer", "nullable": True},
-            "image": _uri("Input image for image-to-image"),
-            "go_fast": {"type": "boolean", "default": True},
-            "guidance": _num("number", 0, 10, 3),
-            "strength": _num("number", 0, 1, 0.9),
-            "image_size": _enum(["optimize_for_quality", "optimize_for_speed"], "optimize_for_quality"),
-            "lora_scale": _num("number", None, None, 1),
-            "aspect_ratio": _enum(QWEN_RATIOS, "16:9"),
-            "lora_weights": {"type": "string", "nullable": True},
-            "extra_lora_weights": {"type": "string", "nullable": True},
-            "extra_lora_scale": {"type": "number", "nullable": True},
-            "output_format": _enum(["webp", "jpg", "png"], "webp"),
-            "enhance_prompt": {"type": "boolean", "default": False},
-            "output_quality": _num("integer", 0, 100, 80),
-            "negative_prompt": {"type": "string", "default": " "},
-            "num_inference_steps": _num("integer", 1, 50, 30),
-            "disable_safety_checker": {"type": "boolean", "default": False},
-        },
-    },
-}
+def _title(name: str) -> str:
+    return name.replace("_", " ").title()
 
 
-def version_id(model: str) -> str:
-    """A stable 64-hex version id per model, so `POST /v1/predictions` can name it."""
-    return hashlib.sha256(model.encode()).hexdigest()
+def _enum_schema(name: str, choice: Choice) -> dict:
+    kind = "integer" if all(isinstance(v, int) and not isinstance(v, bool) for v in choice.values) else "string"
+    return {"title": name, "type": kind, "enum": list(choice.values), "description": "An enumeration."}
 
 
-def openapi_schema(model: str) -> dict:
-    props = MODELS[model]["properties"]
-    output = {"type": "string", "format": "uri"}
-    if MODELS[model]["output"] == "list":
-        output = {"type": "array", "items": output}
+def _property(name: str, spec: dict | Choice, inline_enums: bool) -> tuple[dict, dict | None]:
+    """The property and, for a referenced enum, the component it points at."""
+    if not isinstance(spec, Choice):
+        return {**spec, "title": _title(name)}, None
+    enum = _enum_schema(name, spec)
+    if inline_enums:  # newer Cog (pydantic 2) writes the enum on the property itself
+        prop = {**enum, "description": spec.description}
+    else:
+        prop = {"allOf": [{"$ref": f"#/components/schemas/{name}"}], "description": spec.description}
+    if spec.default is not NO_DEFAULT:
+        prop["default"] = spec.default
+    return prop, None if inline_enums else enum
+
+
+def cog_schema(fields: dict[str, dict | Choice], required: list[str], output: dict,
+               inline_enums: bool = False) -> dict:
+    """A whole version's `openapi_schema`: Input in `fields` order (`x-order`), Output,
+    the enum components and the prediction envelope Cog always publishes."""
+    properties, components = {}, {}
+    for order, (name, spec) in enumerate(fields.items()):
+        prop, enum = _property(name, spec, inline_enums)
+        properties[name] = {**prop, "x-order": order}
+        if enum:
+            components[name] = enum
+    input_schema = {"type": "object", "title": "Input", "properties": properties}
+    if required:
+        input_schema["required"] = list(required)
     return {
         "openapi": "3.0.2",
+        "info": {"title": "Cog", "version": "0.1.0"},
+        "paths": {"/predictions": {"post": {
+            "summary": "Predict", "operationId": "predict_predictions_post",
+            "requestBody": {"content": {"application/json": {"schema": {
+                "$ref": "#/components/schemas/PredictionRequest"}}}},
+            "responses": {"200": {"description": "Successful Response", "content": {
+                "application/json": {"schema": {"$ref": "#/components/schemas/PredictionResponse"}}}}}}}},
         "components": {"schemas": {
-            "Input": {"type": "object", "required": ["prompt"], "properties": props},
-            "Output": output,
+            "Input": input_schema,
+            "Output": {**output, "title": "Output"},
+            **components,
+            "Status": {"title": "Status", "type": "string", "description": "An enumeration.",
+                       "enum": ["starting", "processing", "succeeded", "canceled", "failed"]},
+            "PredictionRequest": {"title": "PredictionRequest", "type": "object", "properties": {
+                "id": {"title": "Id", "type": "string"},
+                "input": {"$ref": "#/components/schemas/Input"}}},
+            "PredictionResponse": {"title": "PredictionResponse", "type": "object", "properties": {
+                "id": {"title": "Id", "type": "string"},
+                "input": {"$ref": "#/components/schemas/Input"},
+                "output": {"$ref": "#/components/schemas/Output"},
+                "status": {"$ref": "#/components/schemas/Status"}}},
         }},
     }
 
 
+def resolved_properties(schema: dict) -> dict[str, dict]:
+    """Input properties with their `allOf` references merged in, as a validator sees them."""
+    components = schema["components"]["schemas"]
+    resolved = {}
+    for name, prop in components["Input"]["properties"].items():
+        merged: dict[str, Any] = {}
+        for part in prop.get("allOf", []):
+            merged.update(components[part["$ref"].rsplit("/", 1)[-1]])
+        merged.update({k: v for k, v in prop.items() if k != "allOf"})
+        resolved[name] = merged
+    return resolved
+
+
 def _type_error(spec: dict, value: Any) -> str | None:
-    kind = spec["type"]
+    kind = spec.get("type")
     if value is None:
         return None if spec.get("nullable") else f"Invalid type. Expected: {kind}, given: null"
     ok = {
@@ -119,53 +131,65 @@ def _type_error(spec: dict, value: Any) -> str | None:
         "integer": isinstance(value, int) and not isinstance(value, bool),
         "number": isinstance(value, (int, float)) and not isinstance(value, bool)
         and math.isfinite(value),
-    }[kind]
-    return None if ok else f"Invalid type. Expected: {kind}, given: {type(value).__name__}"
+    }.get(kind, True)
+    given = {"str": "string", "int": "integer", "float": "number", "bool": "boolean",
+             "list": "array", "dict": "object"}.get(type(value).__name__, type(value).__name__)
+    return None if ok else f"Invalid type. Expected: {kind}, given: {given}"
 
 
 def _field_errors(name: str, spec: dict, value: Any) -> list[dict]:
-    field = f"input.{name}"
+    field_name = f"input.{name}"
     problem = _type_error(spec, value)
     if problem:
-        return [{"type": "invalid_type", "field": field, "description": problem}]
+        return [{"type": "invalid_type", "field": field_name, "description": problem}]
     if value is None:
         return []
     if "enum" in spec and value not in spec["enum"]:
-        allowed = ", ".join(f'"{v}"' for v in spec["enum"])
-        return [{"type": "enum", "field": field,
+        allowed = ", ".join(json.dumps(v) for v in spec["enum"])
+        return [{"type": "enum", "field": field_name,
                  "description": f"{name} must be one of the following: {allowed}"}]
     if "minimum" in spec and value < spec["minimum"]:
-        return [{"type": "number_gte", "field": field,
+        return [{"type": "number_gte", "field": field_name,
                  "description": f"Must be greater than or equal to {spec['minimum']}"}]
     if "maximum" in spec and value > spec["maximum"]:
-        return [{"type": "number_lte", "field": field,
+        return [{"type": "number_lte", "field": field_name,
                  "description": f"Must be less than or equal to {spec['maximum']}"}]
     if spec.get("format") == "uri" and urlparse(value).scheme not in ("http", "https", "data"):
-        return [{"type": "format", "field": field, "description": "Does not match format 'uri'"}]
+        return [{"type": "format", "field": field_name, "description": "Does not match format 'uri'"}]
     return []
 
 
-def validate(model: str, data: Any) -> list[dict]:
-    """Return Replicate-style `invalid_fields` for an input; empty when it is valid."""
+def _kontext_rule(data: dict) -> list[dict]:
+    # Not expressible in the schema: Replicate's flux-kontext-max refuses it at run time.
+    tolerance = data.get("safety_tolerance")
+    if data.get("input_image") and isinstance(tolerance, int) and not isinstance(tolerance, bool) \
+            and tolerance > 2:
+        return [{"type": "number_lte", "field": "input.safety_tolerance",
+                 "description": "safety_tolerance must be at most 2 when input_image is given"}]
+    return []
+
+
+CROSS_FIELD_RULES = {"black-forest-labs/flux-kontext-max": _kontext_rule}
+
+
+def validate(schema: dict, properties: dict[str, dict], data: Any, model: str = "") -> list[dict]:
+    """Replicate-style `invalid_fields` for an input against a version's schema; empty when valid.
+
+    `properties` is `resolved_properties(schema)`, computed once per version."""
     if not isinstance(data, dict):
         return [{"type": "invalid_type", "field": "input", "description": "Expected: object"}]
-    props = MODELS[model]["properties"]
     errors: list[dict] = []
-    if "prompt" not in data:
-        errors.append({"type": "required", "field": "input",
-                       "description": "prompt is required"})
+    for name in schema["components"]["schemas"]["Input"].get("required", []):
+        if name not in data:
+            errors.append({"type": "required", "field": "input", "description": f"{name} is required"})
     for name, value in data.items():
-        if name not in props:
+        if name not in properties:
             errors.append({"type": "additional_property_not_allowed", "field": "input",
                            "description": f"Additional property {name} is not allowed"})
             continue
-        errors.extend(_field_errors(name, props[name], value))
-    tolerance = data.get("safety_tolerance")
-    if (model.endswith("flux-kontext-max") and data.get("input_image")
-            and isinstance(tolerance, int) and tolerance > 2):
-        errors.append({"type": "number_lte", "field": "input.safety_tolerance",
-                       "description": "safety_tolerance must be at most 2 when input_image is given"})
-    return errors
+        errors.extend(_field_errors(name, properties[name], value))
+    rule = CROSS_FIELD_RULES.get(model)
+    return errors + (rule(data) if rule else [])
 
 
 def problem_detail(errors: list[dict]) -> str:

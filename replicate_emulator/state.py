@@ -38,6 +38,9 @@ class Prediction:
     model: str
     token: str
     input: dict[str, Any]
+    version: Any = None            # the catalog.Version that runs
+    official: bool = True          # official models report `version: "hidden"`
+    deployment: str | None = None  # `owner/name` when created through a deployment
     created_at: str = dataclasses.field(default_factory=now_iso)
     created_t: float = dataclasses.field(default_factory=time.monotonic)
     status: str = "starting"
@@ -59,7 +62,8 @@ class Prediction:
 
     def to_json(self, base: str) -> dict[str, Any]:
         body: dict[str, Any] = {
-            "id": self.id, "model": self.model, "version": "hidden",
+            "id": self.id, "model": self.model,
+            "version": "hidden" if self.official or self.version is None else self.version.id,
             "input": {} if self.data_removed else self.input,
             "output": None if self.data_removed else self.output,
             "logs": "" if self.data_removed else self.logs,
