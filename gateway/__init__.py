@@ -1,0 +1,1 @@
+"""The replicate concurrent generation gateway: the service and its command line `rcg`."""
