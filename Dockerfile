@@ -12,8 +12,8 @@ COPY requirements.txt .
 RUN pip install --no-cache-dir -r requirements.txt
 
 COPY app.py auth.py concurrency_manager.py downloads.py errors.py files.py generation.py \
-     gunicorn.conf.py jobs.py journal.py model_functions.py redaction.py routes.py \
-     routes_jobs.py service.py settings.py upstream.py webhooks.py ./
+     gunicorn.conf.py jobs.py journal.py json_body.py lost_creates.py model_functions.py redaction.py \
+     routes.py routes_jobs.py service.py settings.py shared_limits.py upstream.py webhooks.py ./
 
 RUN useradd --create-home --uid 10001 appuser \
     && mkdir -p /app/output \

@@ -5,17 +5,21 @@ PY := $(VENV)/bin/python
 
 .PHONY: run test install bench emulator clean
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt
+$(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $@
 
 install: $(VENV)/.installed
 
+# make passes a SIGTERM on to serve.py, which stops gunicorn and the emulator; killed
+# outright, make takes serve.py with it (PR_SET_PDEATHSIG), which does the same.
 run: install
 	$(PY) serve.py
 
 test: install
+	bash scripts/system-deps.sh
 	$(PY) -m pytest
 
 emulator: install

@@ -4,11 +4,14 @@
   token. An unset or empty admin key disables admin access; it never grants it.
 - Otherwise `X-Replicate-API-Key` runs on the caller's own token, for that request only.
 - A wrong admin key is 401 even when a user token is sent too.
+- A key is printable ASCII without spaces (`check_token`): anything else is refused with a
+  clear message before it can reach a comparison, the upstream's headers, sqlite or the log.
 """
 from __future__ import annotations
 
 import dataclasses
 import hmac
+import re
 from typing import Mapping
 
 from errors import ServiceError
@@ -17,6 +20,29 @@ from upstream import account_key
 
 NO_KEY = "No valid API key provided. Either provide X-Admin-API-Key or X-Replicate-API-Key header"
 BAD_ADMIN = "Invalid admin API key"
+MAX_TOKEN = 512
+_PRINTABLE = re.compile(r"[!-~]+")  # printable ASCII, no space
+
+
+def _token_problem(value: str, longest: int) -> str | None:
+    if not value:
+        return "it is empty"
+    if len(value) > longest:
+        return f"it is longer than {longest} characters"
+    if not value.isascii():
+        return "it contains a non-ASCII character"
+    return None if _PRINTABLE.fullmatch(value) else "it contains a space or a control character"
+
+
+def check_token(value: str, header: str, status: int, longest: int = MAX_TOKEN) -> str:
+    """`value` if it is 1 to `longest` printable ASCII characters without spaces; ServiceError
+    `status` naming the header otherwise. Header values arrive decoded as latin-1, so a
+    UTF-8 `é` is two characters here, and both are refused."""
+    problem = _token_problem(value, longest)
+    if problem:
+        raise ServiceError(status, f"Invalid {header} header: {problem}; allowed: 1 to {longest} printable "
+                           "ASCII characters without spaces", field=header)
+    return value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,18 +65,20 @@ def authenticate(headers: Mapping[str, str], settings: Settings) -> Caller:
     """The caller of a generation request; ServiceError 401 (or 503) otherwise."""
     admin = headers.get("X-Admin-API-Key")
     if admin is not None:
-        if not is_admin_key(admin, settings):
+        if not is_admin_key(check_token(admin, "X-Admin-API-Key", 401), settings):
             raise ServiceError(401, BAD_ADMIN)
         if not settings.replicate_api_token:
             raise ServiceError(503, "Admin access needs REPLICATE_API_TOKEN to be configured on the server")
         return Caller(settings.replicate_api_token, True)
     user = (headers.get("X-Replicate-API-Key") or "").strip()
     if user:
-        return Caller(user, False)
+        return Caller(check_token(user, "X-Replicate-API-Key", 401), False)
     raise ServiceError(401, NO_KEY)
 
 
 def require_admin(headers: Mapping[str, str], settings: Settings) -> None:
-    if not is_admin_key(headers.get("X-Admin-API-Key"), settings):
-        raise ServiceError(401, BAD_ADMIN if headers.get("X-Admin-API-Key") is not None
-                           else "This endpoint needs the X-Admin-API-Key header")
+    presented = headers.get("X-Admin-API-Key")
+    if presented is None:
+        raise ServiceError(401, "This endpoint needs the X-Admin-API-Key header")
+    if not is_admin_key(check_token(presented, "X-Admin-API-Key", 401), settings):
+        raise ServiceError(401, BAD_ADMIN)

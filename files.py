@@ -6,6 +6,9 @@ complete, and never over an existing file.
 """
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
 import os
 import re
 import secrets
@@ -17,12 +20,17 @@ from typing import Any, Sequence
 from errors import ServiceError
 
 MAX_NAME = 128
+NAME_MAX_BYTES = 255  # NAME_MAX of Linux filesystems: a file name's length in bytes
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif")
+# The longest extension a saved file can get: an image's (".webp", ".jpeg") or its
+# provenance record (".json"). A name must fit NAME_MAX with any of them.
+LONGEST_EXTENSION = max(len(e) for e in (*IMAGE_EXTENSIONS, ".json"))
 RESERVED = re.compile(r"^(con|prn|aux|nul|com[0-9]|lpt[0-9])(\..*)?$", re.IGNORECASE)
 ALLOWED_PUNCTUATION = "._- "
-NAME_RULE = ("letters, digits, '_', '-', '.' and spaces; at most 128 characters; no leading "
-             "dot or space, no '..', no path separators, no control or invisible characters, "
-             "no reserved device names")
+NAME_RULE = ("letters, digits, '_', '-', '.' and spaces; at most 128 characters, and at most "
+             f"{NAME_MAX_BYTES} bytes in UTF-8 once the output number and extension are added; "
+             "no leading dot or space, no '..', no path separators, no control or invisible "
+             "characters, no reserved device names")
 PART_PREFIX = ".part-"
 
 
@@ -43,6 +51,18 @@ def _name_problem(name: Any) -> str | None:
     return None
 
 
+def _length_problem(stem: str, outputs_each: int) -> str | None:
+    """The longest file this stem makes must fit NAME_MAX: counted in bytes, not characters
+    (84 CJK characters are 252 bytes, 257 with '.webp'), and checked before anything is paid for."""
+    longest = final_stems(stem, outputs_each)[-1]
+    size = len(longest.encode("utf-8")) + LONGEST_EXTENSION
+    if size <= NAME_MAX_BYTES:
+        return None
+    added = f"'{longest[len(stem):]}' and " if outputs_each > 1 else ""
+    return (f"makes a file name of {size} bytes in UTF-8 ({added}a {LONGEST_EXTENSION}-byte "
+            f"extension included); the limit is {NAME_MAX_BYTES} bytes")
+
+
 def stem_of(name: str) -> str:
     """Drop an image extension the client wrote; the real one is added from the file itself."""
     root, ext = os.path.splitext(name)
@@ -56,7 +76,7 @@ def check_names(names: Sequence[Any], field: str, outputs_each: int) -> list[str
     numbered output (`car` with 2 outputs makes `car_1`, `car_2`)."""
     stems, seen = [], {}
     for index, name in enumerate(names):
-        problem = _name_problem(name)
+        problem = _name_problem(name) or _length_problem(stem_of(name), outputs_each)
         where = f"{field}[{index}]" if field.endswith("s") else field
         if problem:
             raise ServiceError(400, f"Invalid {where}: {str(name)[:80]!r} {problem}; allowed: {NAME_RULE}",
@@ -83,6 +103,31 @@ def default_stems(model_id: str, count: int, batch: bool) -> list[str]:
         return [base]
     width = len(str(count - 1))
     return [f"{base}_{index:0{width}d}" for index in range(count)]
+
+
+def download_urls(folder: str, paths: Sequence[str]) -> list[str]:
+    """Where a client downloads saved files: `/files/<folder>/<name>` (GET, with its key)."""
+    return [f"/files/{folder}/{os.path.basename(path)}" for path in paths]
+
+
+def describe_data_uri(value: Any) -> Any:
+    """A `data:` URI as a short record (media type, size, SHA-256) instead of its payload,
+    so a provenance file does not copy a whole input image; any other value as it is.
+
+    The digest is of the decoded bytes when the URI is base64 (so it matches the image
+    file), else of the text after the comma."""
+    if not isinstance(value, str) or not value.startswith("data:"):
+        return value
+    head, _, payload = value[5:].partition(",")
+    media_type, *flags = head.split(";")
+    raw = payload.encode("utf-8")
+    if "base64" in flags:
+        try:
+            raw = base64.b64decode(payload, validate=False)
+        except (binascii.Error, ValueError):
+            pass  # not valid base64: describe the text as sent
+    return {"data_uri": True, "media_type": media_type or "text/plain", "bytes": len(raw),
+            "sha256": hashlib.sha256(raw).hexdigest()}
 
 
 def new_request_folder(output_dir: str) -> Path:

@@ -24,11 +24,13 @@ import httpx
 from concurrency_manager import Lane
 from downloads import DownloadError, Downloader
 from files import PART_PREFIX, final_stems, place
+from lost_creates import find_lost_creates
 from model_functions import ModelSpec, outputs_of
 from upstream import PredictionState, UpstreamError, UpstreamSession
 
 log = logging.getLogger(__name__)
 POLL_START, POLL_GROWTH, POLL_MAX = 0.5, 1.5, 5.0
+HELD_CANCEL_ATTEMPTS, HELD_CANCEL_PAUSE = 4, 0.5
 FAIL_FAST = {400, 401, 402, 403, 404, 422}
 
 
@@ -49,6 +51,7 @@ class GenerationItem:
     invalid_fields: list | None = None
     prediction_id: str | None = None
     sent_after: float | None = None      # when the last create was sent (wall time): finds a lost answer
+    create_held: bool = False            # a create is on its way: sent, its answer (and id) not back yet
     hooks: Any = None                    # the journal's listener (jobs.ItemHooks), if any
     state: str = "queued"                # queued, then succeeded | failed | canceled
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
@@ -73,8 +76,15 @@ class GenerationItem:
 
     def cancel(self) -> None:
         """Canceled by its owner: stop now; the worker cancels the upstream prediction."""
-        self.fail("Canceled by request", 499, state="canceled")
+        self.fail("Canceled by request", 409, state="canceled")
         self.cancelled.set()
+
+    @property
+    def live_status(self) -> str:
+        """What a watcher should see: running from the moment a create is sent."""
+        if self.done.is_set():
+            return self.state
+        return "running" if self.sent_after is not None else "queued"
 
     def notify(self, event: str) -> None:
         if self.hooks is not None:
@@ -104,9 +114,9 @@ class Pipeline:
 
     def run(self, item: GenerationItem, release: Callable[[], None]) -> None:
         """The job a lane runs; `release` frees the item's slot once the prediction is final."""
-        if item.cancelled.is_set():
-            return
         try:
+            if item.cancelled.is_set():
+                return
             state, deadline, label = self._start(item)  # counted in flight from here
             try:
                 state = self._until_final(item, state, deadline, label)
@@ -119,6 +129,8 @@ class Pipeline:
         except Exception:
             log.exception("item %d failed unexpectedly", item.index)
             item.fail("Generation failed: internal error (see the service log)")
+        finally:
+            item.notify("stopped")  # nothing of this item runs any more: it may be run again
 
     # -- create ------------------------------------------------------------------------
     def _start(self, item: GenerationItem) -> tuple[PredictionState, float, str]:
@@ -130,17 +142,40 @@ class Pipeline:
         return (state, *self._deadline_from(item, self.clock()))
 
     def _find_lost(self, item: GenerationItem) -> PredictionState | None:
-        """The prediction a create without an answer made, from the upstream's recent list,
-        matched by the exact input sent; None if there is none (or the list cannot be read:
-        then a duplicate create is the lesser harm than a lost item)."""
-        claimed = item.hooks.claimed() if item.hooks is not None else set()
+        """The prediction a create without an answer made (see lost_creates); None if there
+        is none (or the list cannot be read: then a duplicate create is the lesser harm than
+        a lost item)."""
         for attempt in range(3):
             self._pause(item, self.lane.reads.reserve(), item.deadline)
             try:
-                return self.session.find_recent(item.data, since=(item.sent_after or 0) - 30, exclude=claimed)
+                found = find_lost_creates(self.session, [(item.index, item.data)], item.sent_after or 0,
+                                          _claimed(item), max_pages=5)
+                return found.get(item.index)
             except (UpstreamError, httpx.TransportError) as exc:
                 log.warning("looking up a lost create failed (attempt %d): %s", attempt + 1, exc)
         return None
+
+    def cancel_held(self, items: list[GenerationItem]) -> None:
+        """Cancel upstream the predictions of canceled items whose create is still held open
+        (`Prefer: wait`): their ids are unknown until the answer comes, which may take a
+        minute, so they are found in the upstream's list by their input (one read for all).
+        A create may reach the upstream a moment after it was sent: look a few times."""
+        for attempt in range(HELD_CANCEL_ATTEMPTS):
+            held = [i for i in items if i.create_held and i.prediction_id is None]
+            if not held:
+                return
+            time.sleep(min(self.lane.reads.reserve(), 2.0))
+            claimed = set().union(*(_claimed(i) for i in held))
+            try:
+                found = find_lost_creates(self.session, [(i.index, i.data) for i in held],
+                                          min(i.sent_after or 0 for i in held), claimed, only_running=True)
+            except (UpstreamError, httpx.TransportError) as exc:
+                log.warning("looking up held creates to cancel failed (attempt %d): %s", attempt + 1, exc)
+                found = {}
+            for state in found.values():
+                self._cancel(state.id)
+            items = [i for i in held if i.index not in found]
+            time.sleep(HELD_CANCEL_PAUSE * (attempt + 1))
 
     def _deadline_from(self, item: GenerationItem, created: float) -> tuple[float, str]:
         if created + self.generation_timeout < item.deadline:
@@ -156,10 +191,19 @@ class Pipeline:
             self.lane.prediction_started()
             item.sent_after = time.time()
             item.timings.setdefault("started", item.sent_after)
+            # The prediction's deadline runs from now, and the held answer must come back by
+            # then (whole seconds, rounded down), so the deadline is kept even mid-wait.
+            deadline, label = self._deadline_from(item, self.clock())
+            item.create_held = True
+            if item.cancelled.is_set():  # see GenerationService.cancel: checked after the flag is up
+                item.create_held = False
+                self.lane.prediction_ended()
+                raise ItemFailed(item.error or "Generation canceled", item.status)
             try:
-                wait = min(self.prefer_wait, int(item.deadline - self.clock()))
+                wait = min(self.prefer_wait, int(deadline - self.clock()))
                 state = self.session.create(self.spec.replicate_name, item.data, wait)
             except BaseException as exc:
+                item.create_held = False
                 self.lane.prediction_ended()
                 # A connection lost after sending may have created it: look before creating again.
                 found = self._find_lost(item) if isinstance(exc, httpx.TransportError) else None
@@ -172,11 +216,12 @@ class Pipeline:
                     continue
                 self.lane.prediction_started()
                 state = found
+            item.create_held = False
             self.lane.creates.succeeded()
             item.prediction_id = state.id
             item.timings["created"] = time.time()
             item.notify("created")
-            return (state, *self._deadline_from(item, self.clock()))
+            return state, deadline, label
 
     def _create_failed(self, item: GenerationItem, exc: BaseException, failures: int, throttles: int) -> None:
         """Decide about a failed create: raise ItemFailed, or return to try again.
@@ -319,17 +364,25 @@ class Pipeline:
         item.notify("done")
 
     def _write_provenance(self, item: GenerationItem, name: str, digest: str) -> None:
-        """`<name>.json` beside the image: what made it, when, and its SHA-256."""
+        """`<name>.json` beside the image: what made it, when, and its SHA-256. A `data:` input
+        is recorded by its type, size and SHA-256, not copied into every record."""
+        from files import describe_data_uri
         record = {
             "file": name, "sha256": digest, "prompt": item.prompt, "model": self.spec.id,
             "replicate_model": self.spec.replicate_name, "prediction_id": item.prediction_id,
-            "parameters": {k: v for k, v in item.data.items() if k != "prompt"},
+            "parameters": {k: describe_data_uri(v) for k, v in item.data.items() if k != "prompt"},
             "created_at": item.timings.get("created"), "completed_at": item.timings.get("completed"),
         }
         target = item.folder / (os.path.splitext(name)[0] + ".json")
-        temp = target.with_name(f"{PART_PREFIX}{target.name}")
+        # A short temporary name: `.part-` + a name already at NAME_MAX would be too long.
+        temp = target.with_name(f"{PART_PREFIX}{hashlib.sha256(name.encode()).hexdigest()[:16]}.json")
         temp.write_text(json.dumps(record, indent=2, ensure_ascii=False))
         os.replace(temp, target)
+
+
+def _claimed(item: GenerationItem) -> set[str]:
+    """Prediction ids other items of the same job already own."""
+    return item.hooks.claimed() if item.hooks is not None else set()
 
 
 def _sha256(path: Path) -> str:

@@ -23,7 +23,9 @@ except ConfigError as exc:  # the same check the app makes, before any worker st
 bind = f"{_settings.host}:{_settings.port}"
 workers = 1
 worker_class = "gthread"
-threads = int(_env.get("GUNICORN_THREADS", "128"))
+# Validated with the other settings: MAX_SYNC_REQUESTS stays below it, so a flood of
+# synchronous generations always leaves threads for /health, /status and /configure.
+threads = _settings.gunicorn_threads
 # A gthread worker heartbeats from its main loop, so long batch requests are not "silent".
 timeout = 60
 graceful_timeout = int(_env.get("GUNICORN_GRACEFUL_TIMEOUT", "60"))

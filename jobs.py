@@ -17,6 +17,7 @@ from auth import Caller
 from errors import ServiceError
 from generation import GenerationItem
 from journal import FINAL_ITEM, Journal
+from lost_creates import find_lost_creates
 from model_functions import ModelSpec, resolve_model
 from service import GenerationService
 from settings import Settings
@@ -28,10 +29,6 @@ NOT_FOUND = "Job not found"
 
 def owner_of(caller: Caller) -> str:
     return "admin" if caller.is_admin else f"user:{caller.account}"
-
-
-def _input_key(data: Any) -> str:
-    return json.dumps(data, sort_keys=True)
 
 
 def _iso(stamp: float | None) -> str | None:
@@ -51,13 +48,16 @@ class ItemHooks:
 
     def created(self, item: GenerationItem) -> None:
         self._claimed.add(item.prediction_id)
-        self._manager.journal.set_item(self._job_id, item.index, status="running", prediction_id=item.prediction_id,
-                                       started_at=item.timings.get("started", time.time()))
+        self._manager.journal.mark_running(self._job_id, item.index, item.prediction_id,
+                                           item.timings.get("started", time.time()))
 
     def done(self, item: GenerationItem) -> None:
         self._manager.journal.set_item(self._job_id, item.index, status=item.state, files=item.files,
                                        error=item.error, finished_at=time.time())
         self._manager.item_done(self._job_id)
+
+    def stopped(self, item: GenerationItem) -> None:
+        self._manager.item_stopped(self._job_id)
 
 
 class JobManager:
@@ -97,7 +97,7 @@ class JobManager:
                                 deadline, label, timeout, prediction_id=r["prediction_id"], hooks=hooks)
                  for r in rows if r["status"] not in FINAL_ITEM]
         with self._lock:
-            self._running[job_id] = {"items": items, "remaining": len(items)}
+            self._running[job_id] = {"items": items, "remaining": len(items), "live": len(items)}
         self.journal.set_job(job_id, status="running")
         if items:
             self.service.start(caller, spec, items)
@@ -115,17 +115,14 @@ class JobManager:
         if not missing:
             return
         claimed = {r["prediction_id"] for r in rows if r["prediction_id"]}
-        session = self.service.sessions.get(caller.token)
-        upstream: dict[str, list[str]] = {}
-        for found in reversed(session.recent_since(job["created_at"] - 30)):  # oldest first
-            if found["id"] not in claimed:
-                upstream.setdefault(_input_key(found.get("input")), []).append(found["id"])
-        for row in missing:
-            ids = upstream.get(_input_key({"prompt": row["prompt"], **params}))
-            if ids:
-                self.journal.set_item(job["id"], row["idx"], status="running", prediction_id=ids.pop(0))
+        with self.service.sessions.using(caller.token) as session:  # held: not closed mid-scan
+            found = find_lost_creates(session, [(r["idx"], {"prompt": r["prompt"], **params}) for r in missing],
+                                      job["created_at"], claimed, max_pages=100)
+        for idx, state in found.items():
+            self.journal.set_item(job["id"], idx, status="running", prediction_id=state.id)
 
     def item_done(self, job_id: str, count: int = 1) -> None:
+        """An item is final; when the last one is, the job is."""
         with self._lock:
             entry = self._running.get(job_id)
             if entry is None:
@@ -133,8 +130,22 @@ class JobManager:
             entry["remaining"] -= count
             if entry["remaining"] > 0:
                 return
-            del self._running[job_id]
+            self._forget_if_stopped(job_id)
         self._finish(job_id)
+
+    def item_stopped(self, job_id: str) -> None:
+        """An item's worker has returned: nothing of it runs upstream or on disk any more."""
+        with self._lock:
+            entry = self._running.get(job_id)
+            if entry is not None:
+                entry["live"] -= 1
+                self._forget_if_stopped(job_id)
+
+    def _forget_if_stopped(self, job_id: str) -> None:
+        """Under the lock: a job is running here until every item is final *and* stopped."""
+        entry = self._running[job_id]
+        if entry["remaining"] <= 0 and entry["live"] <= 0:
+            del self._running[job_id]
 
     def _finish(self, job_id: str) -> None:
         states = [r["status"] for r in self.journal.items(job_id)]
@@ -150,12 +161,13 @@ class JobManager:
             self._webhooks.send(job_id, job["webhook"], json.dumps(self.render(job)).encode())
 
     def run_sync(self, caller: Caller, spec: ModelSpec, prompts: list[str], stems: list[str],
-                 params: dict, timeout: float, label: str) -> list[GenerationItem]:
-        """A synchronous request, journaled like a job: it answers within `timeout`."""
+                 params: dict, timeout: float, label: str) -> tuple[str, list[GenerationItem]]:
+        """A synchronous request, journaled like a job: it answers within `timeout`.
+        Returns the job id (the caller may read it at /jobs/<id>) and the items."""
         job_id = self._new_job(caller, spec, prompts, stems, params, "sync")
         items = self._launch(caller, job_id, timeout, label)
         self.service.wait(items, self.service.clock() + timeout)
-        return items
+        return job_id, items
 
     def submit(self, caller: Caller, spec: ModelSpec, prompts: list[str], stems: list[str], params: dict,
                webhook: str | None, idempotency_key: str | None, request_hash: str) -> tuple[str, bool]:
@@ -189,6 +201,11 @@ class JobManager:
 
     def render(self, job: dict) -> dict[str, Any]:
         rows = self.journal.items(job["id"])
+        with self._lock:
+            live = {item.index: item.live_status for item in self._running.get(job["id"], {}).get("items", [])}
+        for row in rows:  # a create held open is not journaled, but its item is running
+            if row["status"] == "queued" and live.get(row["idx"]) == "running":
+                row["status"] = "running"
         counts = {s: 0 for s in ("queued", "running", "succeeded", "failed", "canceled")}
         for row in rows:
             counts[row["status"]] += 1
@@ -216,8 +233,7 @@ class JobManager:
         job = self.visible(job_id, caller)
         with self._lock:
             items = list(self._running.get(job_id, {}).get("items", []))
-        for item in items:
-            item.cancel()
+        self.service.cancel(items)
         return self.journal.job(job["id"])
 
     def retry(self, job_id: str, caller: Caller) -> list[int]:
@@ -225,6 +241,10 @@ class JobManager:
         job = self.visible(job_id, caller)
         if job["status"] in ("queued", "running"):
             raise ServiceError(409, "The job is still running; retry it once it has finished")
+        with self._lock:
+            stopping = job_id in self._running
+        if stopping:  # canceled, but a worker is still winding down (e.g. canceling upstream)
+            raise ServiceError(409, "The job's last run is still stopping; retry it in a few seconds")
         again = [r["idx"] for r in self.journal.items(job_id) if r["status"] in ("failed", "canceled")]
         if again:
             self.journal.reset_items(job_id, again)

@@ -126,6 +126,13 @@ class Journal:
         names = ", ".join(f"{k} = ?" for k in fields)
         self._run(f"UPDATE items SET {names} WHERE job_id = ? AND idx = ?", [*fields.values(), job_id, idx])
 
+    def mark_running(self, job_id: str, idx: int, prediction_id: str, started_at: float) -> None:
+        """Record an item's prediction; `running` only if the item is not final already (a
+        create held open may answer after the item was canceled: it must not come back)."""
+        self._run("UPDATE items SET prediction_id = ?, started_at = COALESCE(started_at, ?), "
+                  "status = CASE WHEN status IN ('succeeded', 'failed', 'canceled') THEN status "
+                  "ELSE 'running' END WHERE job_id = ? AND idx = ?", [prediction_id, started_at, job_id, idx])
+
     def reset_items(self, job_id: str, indexes: list[int]) -> None:
         """Make failed items runnable again (retry): same names, fresh state."""
         marks = ",".join("?" * len(indexes))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import reprlib
 from typing import Any, Callable
 from urllib.parse import urlparse
 
@@ -55,12 +56,6 @@ def _ratio(*values: str, default: str) -> Param:
     return Param("string", default, choices=values)
 
 
-def _kontext_tolerance(values: dict) -> None:
-    if values.get("input_image") and values.get("safety_tolerance", 2) > 2:
-        raise invalid("safety_tolerance", values["safety_tolerance"],
-                      "at most 2 when input_image is given (the model's own rule)")
-
-
 _COMMON = {
     "seed": Param("integer", None, nullable=True),
     "output_quality": Param("integer", 80, minimum=0, maximum=100),
@@ -89,9 +84,11 @@ MODELS: dict[str, ModelSpec] = {spec.id: spec for spec in [
                                default="match_input_image"),
         "output_format": Param("string", "png", choices=("png", "jpg")),
         "seed": Param("integer", None, nullable=True),
-        "safety_tolerance": Param("integer", 2, minimum=0, maximum=6),
+        # The model takes 0..6, but at most 2 with an input image, and this service always
+        # requires input_image: so 0..2 is the real range, and /models shows it.
+        "safety_tolerance": Param("integer", 2, minimum=0, maximum=2),
         "prompt_upsampling": Param("boolean", False),
-    }, required=("input_image",), rules=(_kontext_tolerance,)),
+    }, required=("input_image",)),
     ModelSpec("qwen-image", "qwen/qwen-image", "Chinese-optimized generation", "list", {
         "aspect_ratio": _ratio("16:9", "1:1", "9:16", "4:3", "3:4", "3:2", "2:3", default="16:9"),
         "image": Param("image"),
@@ -121,8 +118,8 @@ def supported_models() -> list[str]:
 def resolve_model(name: Any) -> ModelSpec:
     """The spec of a short id (`flux-dev`) or full Replicate name; 400 otherwise."""
     if not isinstance(name, str) or not name:
-        raise ServiceError(400, "Missing required field 'model_name'",
-                           supported_models=supported_models())
+        raise ServiceError(400, "Missing required field 'model_name' (a model id or Replicate name)",
+                           field="model_name", supported_models=supported_models())
     spec = BY_NAME.get(name.strip())
     if spec is None:
         raise ServiceError(400, f"Model '{name[:200]}' not supported",
@@ -130,9 +127,21 @@ def resolve_model(name: Any) -> ModelSpec:
     return spec
 
 
+def _short_repr() -> reprlib.Repr:
+    short = reprlib.Repr()  # cuts a long value as it goes: no 16 MB repr of a 16 MB string
+    short.maxstring = short.maxother = short.maxlong = 80
+    short.maxlist = short.maxdict = short.maxtuple = 4
+    return short
+
+
+_SHORT = _short_repr()
+
+
 def invalid(field: str, value: Any, allowed: str) -> ServiceError:
-    shown = repr(value)
-    shown = shown if len(shown) <= 80 else shown[:77] + "..."
+    if isinstance(value, int) and value.bit_length() > 1024:  # repr() refuses ints past 4300 digits
+        shown = f"a number of about {int(value.bit_length() * 0.30103) + 1} digits"
+    else:
+        shown = _SHORT.repr(value)
     return ServiceError(400, f"Invalid value for '{field}': {shown}; allowed: {allowed}",
                         field=field, allowed=allowed)
 
@@ -143,29 +152,44 @@ def _is_image_ref(value: str) -> bool:
     if value.startswith("data:"):
         head = value[5:value.find(",")] if "," in value else ""
         return head.startswith("image/")
-    parsed = urlparse(value)
-    return parsed.scheme in ("http", "https") and bool(parsed.netloc) and not parsed.username
+    try:
+        parsed = urlparse(value)
+        parsed.port  # raises ValueError for a port that is not a number 0-65535
+    except ValueError:  # "http://[x" (a broken IPv6 host) or "http://h:xx/": not a URL
+        return False
+    return parsed.scheme in ("http", "https") and bool(parsed.hostname) and not parsed.username
+
+
+MAX_WHOLE = 2**63 - 1  # no model takes more, and sqlite's INTEGER holds no more
 
 
 def check_param(name: str, param: Param, value: Any) -> Any:
-    """Return the value to send upstream, or raise a 400 naming field, value and rule."""
+    """Return the value to send upstream, or raise a 400 naming field, value and rule.
+
+    `value` is any JSON value: a list or object, a bool, a whole number of 300 digits."""
     if value is None and param.nullable:
         return None
-    if param.aliases and not isinstance(value, bool) and value in param.aliases:
+    if param.aliases and isinstance(value, (str, int, float)) and not isinstance(value, bool) \
+            and value in param.aliases:  # only scalars: a list or object is unhashable
         value = param.aliases[value]
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
     kind_ok = {
         "string": isinstance(value, str),
         "image": isinstance(value, str),
         "boolean": isinstance(value, bool),
-        "integer": isinstance(value, int) and not isinstance(value, bool),
-        "number": isinstance(value, (int, float)) and not isinstance(value, bool)
-        and math.isfinite(value),
+        "integer": number and isinstance(value, int),
+        # an int is finite, and math.isfinite() of a huge one raises OverflowError
+        "number": number and (isinstance(value, int) or math.isfinite(value)),
     }[param.kind]
     if not kind_ok or (param.choices and value not in param.choices):
         raise invalid(name, value, param.describe())
     if param.minimum is not None and value < param.minimum or \
             param.maximum is not None and value > param.maximum:
         raise invalid(name, value, param.describe())
+    if number and abs(value) > MAX_WHOLE:  # an unbounded one, as `seed`
+        raise invalid(name, value, f"{param.describe()}, at most {MAX_WHOLE} in magnitude")
+    if isinstance(value, float):
+        value += 0.0  # -0.0 becomes 0.0: the sign of zero means nothing to a model
     if param.kind == "image" and not _is_image_ref(value):
         raise invalid(name, value, param.describe() + " (never a path on the server)")
     return value

@@ -7,9 +7,10 @@ from flask import Blueprint, current_app, jsonify, request
 
 from auth import Caller, authenticate, require_admin
 from errors import ServiceError
-from files import check_names, default_stems
+from json_body import parse_object
+from files import check_names, default_stems, download_urls
 from generation import GenerationItem
-from model_functions import ModelSpec, build_input, describe_models, resolve_model, supported_models
+from model_functions import ModelSpec, build_input, describe_models, invalid, resolve_model, supported_models
 from service import GenerationService
 from settings import Settings
 
@@ -27,15 +28,14 @@ def _service() -> GenerationService:
 
 
 def json_object() -> dict[str, Any]:
-    data = request.get_json(force=True, silent=True)
-    if not isinstance(data, dict):
-        raise ServiceError(400, "Request body must be a JSON object (Content-Type: application/json)")
-    return data
+    """The body as a JSON object, whatever the Content-Type; 400 naming what is malformed."""
+    return parse_object(request.get_data(cache=True))
 
 
 def current_caller() -> Caller:
+    # The caller's token is not added to the log redactor here (that set grew with every
+    # token ever sent): the session cache tracks the tokens it holds (see redaction.py).
     caller = authenticate(request.headers, current_settings())
-    current_app.extensions["redactor"].add(caller.token)
     current_app.extensions["jobs"].adopt(caller)
     return caller
 
@@ -107,12 +107,14 @@ def generate():
     stems = (check_names([name], "custom_filename", outputs_each(params)) if name is not None
              else default_stems(spec.id, 1, batch=False))
     settings = current_settings()
-    [item] = current_app.extensions["jobs"].run_sync(caller, spec, [prompt], stems, params,
-                                                     settings.generation_timeout, "GENERATION_TIMEOUT")
+    with current_app.extensions["sync_requests"].hold():
+        job_id, [item] = current_app.extensions["jobs"].run_sync(caller, spec, [prompt], stems, params,
+                                                                 settings.generation_timeout, "GENERATION_TIMEOUT")
     if item.error:
         raise _item_error(item)
     return jsonify({"success": True, "model_name": spec.id, "files": item.files,
-                    "count": len(item.files), "prediction_id": item.prediction_id})
+                    "urls": download_urls(item.folder.name, item.files),
+                    "count": len(item.files), "prediction_id": item.prediction_id, "job_id": job_id})
 
 
 def _item_error(item: GenerationItem) -> ServiceError:
@@ -144,16 +146,18 @@ def generate_batch():
     prompts, stems = check_batch(body, params)
     stems = stems or default_stems(spec.id, len(prompts), batch=True)
     settings = current_settings()
-    items = current_app.extensions["jobs"].run_sync(caller, spec, prompts, stems, params,
-                                                    settings.batch_timeout, "BATCH_TIMEOUT")
+    with current_app.extensions["sync_requests"].hold():
+        job_id, items = current_app.extensions["jobs"].run_sync(caller, spec, prompts, stems, params,
+                                                                settings.batch_timeout, "BATCH_TIMEOUT")
     failed = [i for i in items if i.error]
     statuses = {i.status for i in failed}
     if len(failed) == len(items) and len(statuses) == 1 and statuses <= {401, 402}:
         raise _item_error(failed[0])  # the token itself is refused: say so, not 200
     return jsonify({
-        "success": not failed, "model_name": spec.id, "total_prompts": len(items),
+        "success": not failed, "model_name": spec.id, "job_id": job_id, "total_prompts": len(items),
         "successful_count": len(items) - len(failed), "failed_count": len(failed),
         "successful_results": [{"prompt_index": i.index, "prompt": i.prompt, "files": i.files,
+                                "urls": download_urls(i.folder.name, i.files),
                                 "prediction_id": i.prediction_id} for i in items if not i.error],
         "failed_results": [{"prompt_index": i.index, "prompt": i.prompt, "error": i.error,
                             "prediction_id": i.prediction_id} for i in failed],
@@ -165,8 +169,7 @@ def _limit_value(body: dict, field: str, high: int) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
-        raise ServiceError(400, f"Invalid value for '{field}': {value!r}; allowed: a whole number "
-                           f"from 1 to {high}", field=field)
+        raise invalid(field, value, f"a whole number from 1 to {high}")  # shows the value cut short
     return value
 
 
@@ -176,7 +179,8 @@ def configure():
     body = json_object()
     unknown = sorted(set(body) - {"concurrent_limit", "requests_per_minute"})
     if unknown:
-        raise ServiceError(400, f"Unknown field(s) {unknown}; allowed: concurrent_limit, requests_per_minute")
+        raise ServiceError(400, f"Unknown field(s) {', '.join(repr(u[:60]) for u in unknown[:5])}; "
+                           "allowed: concurrent_limit, requests_per_minute")
     limit = _limit_value(body, "concurrent_limit", 5000)
     rpm = _limit_value(body, "requests_per_minute", 100000)
     if limit is None and rpm is None:

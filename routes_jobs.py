@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 
 from flask import Blueprint, current_app, jsonify, request, send_file
 
+from auth import check_token
 from errors import ServiceError
 from files import check_names, default_stems
 from jobs import JobManager
@@ -16,6 +18,7 @@ from webhooks import check_target
 
 bp = Blueprint("jobs", __name__)
 MAX_KEY = 200
+MAX_PAGE = 1_000_000  # keeps the offset far inside sqlite's 64-bit INTEGER
 
 
 def _jobs() -> JobManager:
@@ -49,8 +52,8 @@ def submit():
             raise ServiceError(400, "Webhooks need WEBHOOK_SECRET to be configured on the server")
         check_target(webhook, settings.webhook_allow_private)
     key = request.headers.get("Idempotency-Key")
-    if key is not None and not 0 < len(key) <= MAX_KEY:
-        raise ServiceError(400, f"Idempotency-Key must be 1 to {MAX_KEY} characters")
+    if key is not None:
+        check_token(key, "Idempotency-Key", 400, MAX_KEY)
     digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
     stems = stems or default_stems(spec.id, len(prompts), batch="prompts" in body)
     job_id, new = _jobs().submit(caller, spec, prompts, stems, params, webhook, key, digest)
@@ -68,14 +71,20 @@ def show(job_id: str):
 @bp.get("/jobs")
 def listing():
     caller = current_caller()
-    try:
-        page = int(request.args.get("page", "1"))
-        per_page = int(request.args.get("per_page", "20"))
-    except ValueError:
-        raise ServiceError(400, "page and per_page must be whole numbers") from None
-    if page < 1 or not 1 <= per_page <= 100:
-        raise ServiceError(400, "page must be at least 1 and per_page from 1 to 100")
+    page = _whole_arg("page", 1, MAX_PAGE)
+    per_page = _whole_arg("per_page", 20, 100)
     return jsonify(_jobs().list(caller, page, per_page))
+
+
+def _whole_arg(name: str, default: int, high: int) -> int:
+    """A query argument from 1 to `high`, in ASCII digits (int() would also take ' 5', '1_0', '٣')."""
+    raw = request.args.get(name)
+    if raw is None:
+        return default
+    if not (re.fullmatch(r"[0-9]{1,9}", raw) and 1 <= int(raw) <= high):
+        raise ServiceError(400, f"Invalid value for '{name}': {raw[:20]!r}; allowed: a whole number "
+                           f"from 1 to {high}", field=name)
+    return int(raw)
 
 
 @bp.post("/jobs/<job_id>/cancel")

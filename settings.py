@@ -6,6 +6,7 @@ names the variable and what it accepts.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Callable, Mapping
 from urllib.parse import urlparse
 
@@ -37,6 +38,13 @@ def _text(text: str) -> str:
 _text.accepts = "any text"
 
 
+def _folder(text: str) -> str:
+    # Absolute once, here: a relative path would otherwise mean the working directory to
+    # some callers and the app's root folder to Flask's send_file.
+    return os.path.abspath(text.strip())
+_folder.accepts = "a folder path (a relative one is taken from the working directory at start-up)"
+
+
 def _url(text: str) -> str:
     parsed = urlparse(text.strip())
     if parsed.scheme not in ("http", "https") or not parsed.netloc:
@@ -53,6 +61,20 @@ def _boolean(text: str) -> bool:
 _boolean.accepts = "true or false"
 
 
+def _unset_or(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """`parse`, or None for an empty value (the setting is then derived from others)."""
+    def parse_or_none(text: str):
+        return None if not text.strip() else parse(text)
+    parse_or_none.accepts = parse.accepts
+    return parse_or_none
+
+
+def _sync_request_reserve(threads: int) -> int:
+    """Request threads kept free of synchronous generations, so /health, /status, /configure
+    and /jobs answer under any load: an eighth of them, at least 2 (16 of 128)."""
+    return max(2, threads // 8)
+
+
 # (attribute, environment variable, default, parser)
 TABLE: list[tuple[str, str, str, Callable[[str], Any]]] = [
     ("replicate_api_token", "REPLICATE_API_TOKEN", "", _text),
@@ -64,7 +86,7 @@ TABLE: list[tuple[str, str, str, Callable[[str], Any]]] = [
     ("reads_per_minute", "REPLICATE_READS_PER_MINUTE", "3000", _integer(1, 1000000)),
     ("rate_window", "REPLICATE_RATE_WINDOW_SECONDS", "60", _seconds(0.1, 3600)),
     ("base_url", "REPLICATE_BASE_URL", "https://api.replicate.com", _url),
-    ("output_dir", "OUTPUT_DIR", "output", _text),
+    ("output_dir", "OUTPUT_DIR", "output", _folder),
     ("generation_timeout", "GENERATION_TIMEOUT", "300", _seconds(1, 86400)),
     ("batch_timeout", "BATCH_TIMEOUT", "600", _seconds(1, 86400)),
     ("max_batch_size", "MAX_BATCH_SIZE", "1000", _integer(1, 100000)),
@@ -76,11 +98,15 @@ TABLE: list[tuple[str, str, str, Callable[[str], Any]]] = [
     ("max_download_bytes", "MAX_DOWNLOAD_BYTES", str(100 * 1024 * 1024), _integer(1024, 1 << 34)),
     ("download_attempts", "DOWNLOAD_ATTEMPTS", "3", _integer(1, 20)),
     ("pool_timeout", "REPLICATE_POOL_TIMEOUT", "10", _seconds(0.1, 600)),
+    ("session_cache_size", "UPSTREAM_SESSION_CACHE_SIZE", "64", _integer(1, 4096)),
+    ("session_idle_seconds", "UPSTREAM_SESSION_IDLE_SECONDS", "600", _seconds(1, 86400)),
     ("jobs_db", "JOBS_DB", "", _text),
     ("job_timeout", "JOB_TIMEOUT", "3600", _seconds(1, 7 * 86400)),
     ("webhook_secret", "WEBHOOK_SECRET", "", _text),
     ("webhook_allow_private", "WEBHOOK_ALLOW_PRIVATE", "false", _boolean),
     ("webhook_attempts", "WEBHOOK_ATTEMPTS", "8", _integer(1, 50)),
+    ("gunicorn_threads", "GUNICORN_THREADS", "128", _integer(3, 10000)),
+    ("max_sync_requests", "MAX_SYNC_REQUESTS", "", _unset_or(_integer(1, 10000))),
 ]
 
 
@@ -107,11 +133,15 @@ class Settings:
     max_download_bytes: int
     download_attempts: int
     pool_timeout: float
+    session_cache_size: int
+    session_idle_seconds: float
     jobs_db: str
     job_timeout: float
     webhook_secret: str
     webhook_allow_private: bool
     webhook_attempts: int
+    gunicorn_threads: int
+    max_sync_requests: int
 
     @classmethod
     def from_mapping(cls, source: Mapping[str, str]) -> "Settings":
@@ -126,7 +156,8 @@ class Settings:
                 shown = "(hidden)" if any(w in variable for w in ("TOKEN", "KEY", "SECRET")) else repr(raw)
                 raise ConfigError(f"{variable}={shown} is not valid: expected {parse.accepts}") from None
         if not values["jobs_db"]:  # beside the files it describes (the same Docker volume)
-            values["jobs_db"] = f"{values['output_dir'].rstrip('/')}/.jobs.sqlite3"
+            values["jobs_db"] = os.path.join(values["output_dir"], ".jobs.sqlite3")
+        values["max_sync_requests"] = _max_sync_requests(values["max_sync_requests"], values["gunicorn_threads"])
         return cls(**values)
 
     @property
@@ -137,3 +168,15 @@ class Settings:
         """The settings a client may see (no token, no key)."""
         hidden = {"replicate_api_token", "admin_api_key", "webhook_secret"}
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in hidden}
+
+
+def _max_sync_requests(configured: int | None, threads: int) -> int:
+    """Synchronous generations hold a request thread for up to their timeout: fewer of them
+    than threads, or a flood of them leaves none for /health and /configure."""
+    if configured is None:
+        return threads - _sync_request_reserve(threads)
+    if configured >= threads:
+        raise ConfigError(f"MAX_SYNC_REQUESTS={configured} is not valid: expected fewer than "
+                          f"GUNICORN_THREADS ({threads}), so that /health, /status and /configure "
+                          "keep a request thread")
+    return configured

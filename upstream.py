@@ -7,13 +7,19 @@ before the client sees it; the service then decides about retries itself.
 """
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
+import functools
 import hashlib
 import itertools
 import json
+import ssl
 import threading
+import time
+from collections.abc import Callable, Iterator
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 import pydantic
@@ -97,6 +103,12 @@ class PredictionState:
     def final(self) -> bool:
         return self.status in FINAL_STATUSES
 
+    @classmethod
+    def from_json(cls, prediction: dict[str, Any]) -> "PredictionState":
+        """From a prediction as the API answers it (a JSON object)."""
+        return cls(str(prediction.get("id")), str(prediction.get("status")),
+                   prediction.get("output"), prediction.get("error"))
+
 
 def _created_at(prediction: dict) -> float:
     try:
@@ -107,12 +119,18 @@ def _created_at(prediction: dict) -> float:
 
 def _state(prediction: Any) -> PredictionState:
     if isinstance(prediction, dict):
-        return PredictionState(str(prediction.get("id")), str(prediction.get("status")),
-                               prediction.get("output"), prediction.get("error"))
+        return PredictionState.from_json(prediction)
     return PredictionState(prediction.id, prediction.status, prediction.output, prediction.error)
 
 
 SHARD_SIZE = 64  # connections per HTTP pool: httpcore scans its whole pool on every request
+
+
+@functools.cache
+def _ssl_context() -> ssl.SSLContext:
+    """One TLS context for every client of the process: building one loads the whole CA
+    bundle (about a megabyte and milliseconds), which a client per token must not repeat."""
+    return httpx.create_ssl_context()
 
 
 class UpstreamSession:
@@ -120,22 +138,38 @@ class UpstreamSession:
 
     A prediction holds a connection for as long as `Prefer: wait` holds it, so an account
     with 1000 slots keeps ~1000 connections open. One httpcore pool of 1000 costs O(pool)
-    CPU per request; so the session keeps one client per SHARD_SIZE slots and each thread
-    sticks to one of them.
+    CPU per request; so the session keeps up to one client per SHARD_SIZE slots and each
+    thread sticks to one of them. Clients are built on first use, so a token that makes one
+    request costs one client, not one per possible shard.
     """
 
     def __init__(self, token: str, base_url: str, keepalive: int, pool_timeout: float) -> None:
-        shards = max(1, -(-keepalive // SHARD_SIZE))
-        # No cap on connections: the slot pool already bounds how many run at once, and a
-        # cap below it would turn a raised concurrency limit into pool timeouts.
-        self._shards = [self._build(token, base_url, min(keepalive, SHARD_SIZE), pool_timeout)
-                        for _ in range(shards)]
+        self._token, self._base_url, self._pool_timeout = token, base_url, pool_timeout
+        self._keepalive = min(keepalive, SHARD_SIZE)
+        self._shards: list[tuple | None] = [None] * max(1, -(-keepalive // SHARD_SIZE))
+        self._shards_lock = threading.Lock()
+        self._closed = False
         self._local = threading.local()
         self._next = itertools.count()
+        self.users = 0          # holders of the session; maintained by SessionCache
+        self.last_used = 0.0    # when it was last acquired or released (SessionCache's clock)
+
+    def __repr__(self) -> str:  # never the token
+        return f"<UpstreamSession {account_key(self._token)[:12]} shards={self.built_shards}>"
+
+    @property
+    def token(self) -> str:
+        return self._token
+
+    @property
+    def built_shards(self) -> int:
+        return sum(shard is not None for shard in self._shards)
 
     @staticmethod
     def _build(token: str, base_url: str, keepalive: int, pool_timeout: float) -> tuple:
-        transport = ErrorTransport(httpx.HTTPTransport(limits=httpx.Limits(
+        # No cap on connections: the slot pool already bounds how many run at once, and a
+        # cap below it would turn a raised concurrency limit into pool timeouts.
+        transport = ErrorTransport(httpx.HTTPTransport(verify=_ssl_context(), limits=httpx.Limits(
             max_connections=None, max_keepalive_connections=keepalive)))
         client = replicate.Client(
             api_token=token, base_url=base_url,
@@ -152,9 +186,18 @@ class UpstreamSession:
         return self._shard()[1]
 
     def _shard(self) -> tuple:
-        shard = getattr(self._local, "shard", None)
+        index = getattr(self._local, "index", None)
+        if index is None:
+            index = self._local.index = next(self._next) % len(self._shards)
+        shard = self._shards[index]
         if shard is None:
-            shard = self._local.shard = self._shards[next(self._next) % len(self._shards)]
+            with self._shards_lock:
+                if self._closed:
+                    raise RuntimeError("this upstream session was closed")
+                shard = self._shards[index]
+                if shard is None:
+                    shard = self._shards[index] = self._build(
+                        self._token, self._base_url, self._keepalive, self._pool_timeout)
         return shard
 
     def _call(self, method, *args: Any, **kwargs: Any) -> PredictionState:
@@ -190,17 +233,14 @@ class UpstreamSession:
                 break
         return found
 
-    def find_recent(self, data: dict[str, Any], since: float, exclude: set[str]) -> PredictionState | None:
-        """The newest prediction created after `since` whose input equals `data` and whose
-        id is not in `exclude` (a create whose answer was lost)."""
-        for prediction in self.recent_since(since, max_pages=5):
-            if prediction.get("input") == data and prediction.get("id") not in exclude:
-                return _state(prediction)
-        return None
-
     def close(self) -> None:
-        for client, _ in self._shards:
-            client._client.close()
+        """Close every built client (their connections); the session is unusable after."""
+        with self._shards_lock:
+            self._closed = True
+            built = [shard for shard in self._shards if shard is not None]
+            self._shards = [None] * len(self._shards)
+        for client, _ in built:
+            client._client.close()  # closes the transport chain down to the sockets
 
 
 def account_key(token: str) -> str:
@@ -208,25 +248,138 @@ def account_key(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-class SessionCache:
-    """One UpstreamSession per token, created on first use."""
+class TokenTracker(Protocol):
+    """Told which tokens the cache holds (the log redactor masks exactly those)."""
 
-    def __init__(self, base_url: str, keepalive: int, pool_timeout: float) -> None:
+    def track(self, token: str) -> None: ...
+
+    def untrack(self, token: str) -> None: ...
+
+
+class SessionCache:
+    """Upstream sessions by token: an LRU of at most `capacity`, each closed after
+    `idle_seconds` unused, so made-up tokens cannot pile up clients, pools and sockets.
+
+    Work holds a session with `acquire`/`release` (or `using`). A session evicted while held
+    leaves the cache at once but is closed only when its last holder releases it; asked for
+    again before that, it comes back instead of a second one being built. `tracker` hears of
+    every session's token from creation to close.
+    """
+
+    def __init__(self, base_url: str, keepalive: int, pool_timeout: float, capacity: int = 64,
+                 idle_seconds: float = 600.0, clock: Callable[[], float] = time.monotonic,
+                 tracker: TokenTracker | None = None) -> None:
         self._base_url, self._keepalive, self._pool_timeout = base_url, keepalive, pool_timeout
-        self._sessions: dict[str, UpstreamSession] = {}
+        self._capacity, self._idle_seconds, self._clock = max(1, capacity), idle_seconds, clock
+        self._tracker = tracker
+        self._sessions: collections.OrderedDict[str, UpstreamSession] = collections.OrderedDict()
+        self._retired: dict[str, UpstreamSession] = {}  # evicted while held: closed on last release
         self._lock = threading.Lock()
 
-    def get(self, token: str) -> UpstreamSession:
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def acquire(self, token: str, uses: int = 1) -> UpstreamSession:
+        """The token's session, held `uses` times: call `release` once per use."""
+        if uses < 1:
+            raise ValueError("a session is acquired for at least one use")
         key = account_key(token)
         with self._lock:
-            session = self._sessions.get(key)
+            now = self._clock()
+            session = self._sessions.get(key) or self._retired.pop(key, None)
             if session is None:
                 session = UpstreamSession(token, self._base_url, self._keepalive, self._pool_timeout)
-                self._sessions[key] = session
-            return session
+                if self._tracker is not None:
+                    self._tracker.track(token)
+            self._sessions[key] = session
+            self._sessions.move_to_end(key)
+            session.users += uses
+            session.last_used = now
+            doomed = self._expire(now) + self._trim()
+        self._close(doomed)
+        return session
+
+    def release(self, session: UpstreamSession, uses: int = 1) -> None:
+        key = account_key(session.token)
+        with self._lock:
+            session.users -= uses
+            session.last_used = now = self._clock()
+            doomed = self._expire(now)
+            if session.users <= 0 and self._retired.get(key) is session:
+                doomed.append(self._retired.pop(key))
+            elif self._sessions.get(key) is session:
+                self._sessions.move_to_end(key)  # recently used: the last to be evicted
+        self._close(doomed)
+
+    @contextlib.contextmanager
+    def using(self, token: str) -> Iterator[UpstreamSession]:
+        session = self.acquire(token)
+        try:
+            yield session
+        finally:
+            self.release(session)
+
+    def hold(self, session: UpstreamSession) -> bool:
+        """One more use of a session someone already holds (for work it hands to another
+        thread); False if it has been closed meanwhile. Release it like any other use."""
+        with self._lock:
+            key = account_key(session.token)
+            if session.users <= 0 and self._sessions.get(key) is not session:
+                return False
+            session.users += 1
+            return True
+
+    def releasing(self, session: UpstreamSession, work: Callable[..., None]) -> Callable[..., None]:
+        """`work` followed by the release of one use of `session`, however it ends: a lane
+        job, or a thread's target."""
+        def run(*args: Any, **kwargs: Any) -> None:
+            try:
+                work(*args, **kwargs)
+            finally:
+                self.release(session)
+        return run
+
+    def get(self, token: str) -> UpstreamSession:
+        """The token's session without holding it, for a look. Work must hold its session
+        (`acquire`, `using`): an unheld one is closed when evicted."""
+        session = self.acquire(token)
+        self.release(session)
+        return session
+
+    def _expire(self, now: float) -> list[UpstreamSession]:
+        """Unheld sessions idle for `idle_seconds` (under the lock). The dict runs from least
+        to most recently used, so the walk stops at the first unheld session still fresh."""
+        stale = []
+        for key, session in self._sessions.items():
+            if session.users > 0:
+                continue
+            if now - session.last_used < self._idle_seconds:
+                break
+            stale.append(key)
+        return [self._sessions.pop(key) for key in stale]
+
+    def _trim(self) -> list[UpstreamSession]:
+        """Evict down to capacity, unheld sessions first (under the lock)."""
+        doomed = []
+        while len(self._sessions) > self._capacity:
+            key = next((k for k, s in self._sessions.items() if s.users <= 0), None)
+            if key is None:  # every one is held: the oldest leaves, closed on its last release
+                key, session = self._sessions.popitem(last=False)
+                self._retired[key] = session
+            else:
+                doomed.append(self._sessions.pop(key))
+        return doomed
+
+    def _close(self, sessions: list[UpstreamSession]) -> None:
+        for session in sessions:
+            session.close()
+            if self._tracker is not None:
+                self._tracker.untrack(session.token)
 
     def close(self) -> None:
+        """Close every session, held or not (the process is stopping)."""
         with self._lock:
-            for session in self._sessions.values():
-                session.close()
+            doomed = [*self._sessions.values(), *self._retired.values()]
             self._sessions.clear()
+            self._retired.clear()
+        self._close(doomed)

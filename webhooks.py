@@ -40,13 +40,17 @@ def check_target(url: object, allow_private: bool) -> str:
     ServiceError 400 otherwise. Checked at submit and again before each delivery."""
     if not isinstance(url, str) or len(url) > 2000:
         raise ServiceError(400, "Invalid value for 'webhook': an http(s) URL is required", field="webhook")
-    parsed = urlparse(url)
-    if parsed.scheme not in ("http", "https") or not parsed.hostname or parsed.username:
+    try:
+        parsed = urlparse(url)
+        port = parsed.port or 443  # ValueError for a port that is not a number from 0 to 65535
+    except ValueError:  # "http://[x", "http://h:xx/": not a URL at all
+        parsed, port = None, 0
+    if parsed is None or parsed.scheme not in ("http", "https") or not parsed.hostname or parsed.username:
         raise ServiceError(400, "Invalid value for 'webhook': an http(s) URL is required", field="webhook")
     if allow_private:
         return url
     try:
-        addresses = {info[4][0] for info in socket.getaddrinfo(parsed.hostname, parsed.port or 443)}
+        addresses = {info[4][0] for info in socket.getaddrinfo(parsed.hostname, port)}
     except (socket.gaierror, UnicodeError):
         raise ServiceError(400, f"Invalid value for 'webhook': cannot resolve {parsed.hostname!r}",
                            field="webhook") from None

@@ -81,3 +81,7 @@ def make_service(emulator_server: EmulatorServer, tmp_path):
 @pytest.fixture
 def service(make_service, emu) -> Service:
     return make_service()
+
+
+# A real redis-server for the shared-limits tests (session) and a flushed database (per test).
+from redis_fixture import redis_server, redis_url  # noqa: E402,F401

@@ -131,7 +131,8 @@ def test_defaults_match_the_spec():
     settings = Settings.from_mapping({})
     assert (settings.port, settings.host, settings.concurrent_limit, settings.requests_per_minute) == (
         5003, "0.0.0.0", 60, 600)
-    assert (settings.output_dir, settings.generation_timeout, settings.batch_timeout) == ("output", 300, 600)
+    assert (settings.output_dir, settings.generation_timeout, settings.batch_timeout) == (
+        os.path.abspath("output"), 300, 600)
     assert settings.base_url == "https://api.replicate.com" and settings.max_batch_size == 1000
 
 
