@@ -11,9 +11,9 @@ WORKDIR /app
 COPY requirements.txt .
 RUN pip install --no-cache-dir -r requirements.txt
 
-COPY app.py auth.py concurrency_manager.py downloads.py errors.py files.py generation.py \
-     gunicorn.conf.py jobs.py journal.py json_body.py lost_creates.py model_functions.py redaction.py \
-     routes.py routes_jobs.py service.py settings.py shared_limits.py upstream.py webhooks.py ./
+# The service is the `gateway` package; the root modules are where the spec's layout puts them.
+COPY gateway ./gateway
+COPY app.py model_functions.py concurrency_manager.py gunicorn.conf.py ./
 
 RUN useradd --create-home --uid 10001 appuser \
     && mkdir -p /app/output \

@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test install bench emulator clean
+.PHONY: run test lint install bench emulator clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +18,10 @@ install: $(VENV)/.installed
 run: install
 	$(PY) serve.py
 
-test: install
+lint: install
+	$(VENV)/bin/ruff check .
+
+test: lint
 	bash scripts/system-deps.sh
 	$(PY) -m pytest
 

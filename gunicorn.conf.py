@@ -6,12 +6,14 @@ concurrency and request rate by N, and `/configure` would change one worker of N
 than one worker is refused at start-up until the limits are shared across processes.
 Threads are cheap here: a synchronous batch request mostly waits, and generations run on the
 service's own thread pool, not on these request threads.
+
+The app's start-up work (resume jobs, ...) runs in the worker once it has loaded the app
+(`post_worker_init`), and its stop in `worker_exit`: see gateway/app.py.
 """
-import os
 import sys
 
-from app import read_environment
-from settings import ConfigError, Settings
+from gateway.app import start, stop
+from gateway.config import ConfigError, Settings, read_environment
 
 _env = read_environment()
 try:
@@ -33,6 +35,9 @@ keepalive = 5
 accesslog = "-"
 errorlog = "-"
 loglevel = _env.get("LOG_LEVEL", "info").lower()
+# gunicorn's control socket sits at one path per user: several instances on one machine
+# (tests, benchmarks, replicas) would share it. The service does not use it.
+control_socket_disable = True
 
 
 def on_starting(server):
@@ -42,3 +47,12 @@ def on_starting(server):
             "so more workers would multiply them. Run one worker (use GUNICORN_THREADS for "
             "more request threads).", server.cfg.workers)
         sys.exit(3)
+
+
+def post_worker_init(worker):
+    start(worker.wsgi)
+
+
+def worker_exit(server, worker):
+    if getattr(worker, "wsgi", None) is not None:
+        stop(worker.wsgi)

@@ -23,9 +23,9 @@ import subprocess
 import sys
 import time
 import urllib.request
-from typing import Callable
+from collections.abc import Callable
 
-from app import read_environment
+from gateway.config import read_environment
 
 log = logging.getLogger("serve")
 GUNICORN = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "app:app"]

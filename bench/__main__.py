@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     parser = argparse.ArgumentParser(prog="python -m bench")
-    parser.add_argument("--quick", action="store_true", help="smaller runs and 10 s windows (a smoke run, not the figures)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smaller runs and 10 s windows (a smoke run, not the figures)")
     parser.add_argument("--only", default=",".join(WORKLOADS), help="workloads to run, e.g. 1,3")
     args = parser.parse_args(argv)
     rows = []

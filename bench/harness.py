@@ -27,7 +27,8 @@ def free_port() -> int:
 def machine() -> str:
     model = "unknown cpu"
     try:
-        model = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+        with open("/proc/cpuinfo") as cpuinfo:
+            model = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
     return f"{platform.node()}: {os.cpu_count()} cores, {model}, Python {platform.python_version()}"

@@ -32,7 +32,7 @@ class Sampler:
         while not self._stop.wait(0.5):
             self.usage.sample()
 
-    def __enter__(self) -> "Sampler":
+    def __enter__(self) -> Sampler:
         self._thread.start()
         return self
 

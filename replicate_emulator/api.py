@@ -7,8 +7,17 @@ import time
 from aiohttp import web
 
 from . import catalog, media, schemas
-from .emulator import (UPLOAD_LIMIT, _base, _emu, _json_body, ok_json, parse_duration,
-                       parse_wait, problem, throttled)
+from .emulator import (
+    UPLOAD_LIMIT,
+    base_url,
+    emulator_of,
+    ok_json,
+    parse_duration,
+    parse_wait,
+    problem,
+    read_json_body,
+    throttled,
+)
 from .faults import decide, markers
 from .state import new_id, now_iso
 
@@ -23,7 +32,7 @@ async def auth_and_limits(request: web.Request, handler):
     """Bearer auth and the non-create rate window for every `/v1/` call."""
     if not request.path.startswith("/v1/"):
         return await handler(request)
-    emu = _emu(request)
+    emu = emulator_of(request)
     header = request.headers.get("Authorization", "")
     token = header[len("Bearer "):].strip() if header.startswith("Bearer ") else ""
     if not token or emu.token_state(token) == "invalid":
@@ -41,7 +50,7 @@ async def auth_and_limits(request: web.Request, handler):
 def _attempt(request: web.Request) -> None:
     """Every create that gets past auth counts, whatever its fate, so a test can prove that
     the service refused bad input without calling upstream at all."""
-    emu, token = _emu(request), request[TOKEN]
+    emu, token = emulator_of(request), request[TOKEN]
     emu.stats.count("create_attempts", token)
     emu.stats.stamp(emu.stats.attempt_times, token)
 
@@ -59,7 +68,7 @@ async def create_for_model(request: web.Request) -> web.StreamResponse:
         return problem(404, NOT_FOUND)
     if not model.official:
         return problem(404, NO_SUCH_VERSION)
-    body = await _json_body(request)
+    body = await read_json_body(request)
     if isinstance(body, web.Response):
         return body
     return await _create(request, model.latest, body)
@@ -68,7 +77,7 @@ async def create_for_model(request: web.Request) -> web.StreamResponse:
 @routes.post("/v1/predictions")
 async def create_for_version(request: web.Request) -> web.StreamResponse:
     _attempt(request)
-    body = await _json_body(request)
+    body = await read_json_body(request)
     if isinstance(body, web.Response):
         return body
     ref = body.get("version")
@@ -92,14 +101,14 @@ async def create_for_deployment(request: web.Request) -> web.StreamResponse:
     deployment = catalog.DEPLOYMENTS.get(_ref(request))
     if deployment is None:
         return problem(404, NOT_FOUND)
-    body = await _json_body(request)
+    body = await read_json_body(request)
     if isinstance(body, web.Response):
         return body
     return await _create(request, deployment.version, body, deployment=_ref(request))
 
 
 def _throttle_create(request: web.Request, marks: dict) -> web.Response | None:
-    emu, token = _emu(request), request[TOKEN]
+    emu, token = emulator_of(request), request[TOKEN]
     faults = emu.faults
     if decide(emu.rng, faults.create_429_rate, marks, "429"):
         return throttled(faults.storm_retry_after_s, with_header=True)
@@ -113,7 +122,7 @@ def _throttle_create(request: web.Request, marks: dict) -> web.Response | None:
 
 async def _create(request: web.Request, version: catalog.Version, body: dict,
                   deployment: str | None = None) -> web.StreamResponse:
-    emu, token = _emu(request), request[TOKEN]
+    emu, token = emulator_of(request), request[TOKEN]
     if emu.token_state(token) == "no_credit":
         return problem(402, "You have insufficient credit to run this model. Go to "
                        "https://replicate.com/account/billing to purchase credit.",
@@ -138,7 +147,7 @@ async def _create(request: web.Request, version: catalog.Version, body: dict,
         cancel_after = parse_duration(request.headers["Cancel-After"])
         if cancel_after is None or cancel_after < emu.faults.cancel_after_min_s:
             return problem(400, "Cancel-After must be a duration of at least 5s, like 30s or 1h30m")
-    p = emu.start(version, token, data, _base(request), deployment)
+    p = emu.start(version, token, data, base_url(request), deployment)
     emu.stats.count("creates", token)
     emu.stats.stamp(emu.stats.create_times, token)
     if cancel_after is not None:
@@ -162,46 +171,46 @@ async def _answer_with_wait(request: web.Request, p) -> web.Response:
         headers["Preference-Applied"] = "wait" if wait == 60 else f"wait={wait}"
         try:
             await asyncio.wait_for(asyncio.shield(p.done.wait()), wait)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
-    return ok_json(p.to_json(_base(request)), status=201, headers=headers)
+    return ok_json(p.to_json(base_url(request)), status=201, headers=headers)
 
 
 def _owned(request: web.Request):
-    p = _emu(request).predictions.get(request.match_info["id"])
+    p = emulator_of(request).predictions.get(request.match_info["id"])
     return p if p is not None and p.token == request[TOKEN] else None
 
 
 @routes.get("/v1/predictions/{id}")
 async def get_prediction(request: web.Request) -> web.Response:
-    emu, p = _emu(request), _owned(request)
+    emu, p = emulator_of(request), _owned(request)
     emu.stats.count("polls", request[TOKEN])
     if p is None:
         return problem(404, "The requested resource could not be found.")
     emu.expire(p)
-    return ok_json(p.to_json(_base(request)))
+    return ok_json(p.to_json(base_url(request)))
 
 
 @routes.post("/v1/predictions/{id}/cancel")
 async def cancel_prediction(request: web.Request) -> web.Response:
-    emu, p = _emu(request), _owned(request)
+    emu, p = emulator_of(request), _owned(request)
     emu.stats.count("cancels", request[TOKEN])
     if p is None:
         return problem(404, "The requested resource could not be found.")
     emu.cancel(p)
-    return ok_json(p.to_json(_base(request)))
+    return ok_json(p.to_json(base_url(request)))
 
 
 @routes.get("/v1/predictions")
 async def list_predictions(request: web.Request) -> web.Response:
     """The caller's predictions, newest first, 100 a page, paged with `next`."""
-    emu, token = _emu(request), request[TOKEN]
+    emu, token = emulator_of(request), request[TOKEN]
     mine = [p for p in reversed(emu.predictions.values()) if p.token == token]
     try:
         start = max(0, int(request.query.get("cursor", "0")))
     except ValueError:
         return problem(400, "cursor must be an integer")
-    page, base = mine[start:start + 100], _base(request)
+    page, base = mine[start:start + 100], base_url(request)
     for p in page:
         emu.expire(p)
     more = start + 100 < len(mine)
@@ -226,14 +235,14 @@ async def upload_file(request: web.Request) -> web.Response:
             "content_type": str(form.get("type") or content.content_type or "application/octet-stream"),
             "size": len(data), "etag": file_id[:16], "checksums": {}, "metadata": {},
             "created_at": now_iso(), "expires_at": None,
-            "urls": {"get": f"{_base(request)}/v1/files/{file_id}/download"}}
-    _emu(request).uploads[file_id] = (data, meta)
+            "urls": {"get": f"{base_url(request)}/v1/files/{file_id}/download"}}
+    emulator_of(request).uploads[file_id] = (data, meta)
     return ok_json(meta, status=201)
 
 
 @routes.get("/v1/files/{id}/download")
 async def download_upload(request: web.Request) -> web.Response:
-    found = _emu(request).uploads.get(request.match_info["id"])
+    found = emulator_of(request).uploads.get(request.match_info["id"])
     if found is None:
         return problem(404, "The requested resource could not be found.")
     return web.Response(body=found[0], content_type=found[1]["content_type"])
@@ -241,7 +250,7 @@ async def download_upload(request: web.Request) -> web.Response:
 
 @routes.get("/delivery/{pid}/{name}")
 async def delivery(request: web.Request) -> web.StreamResponse:
-    emu = _emu(request)
+    emu = emulator_of(request)
     key = f"{request.match_info['pid']}/{request.match_info['name']}"
     f = emu.files.get(key)
     if f is None or f.missing or time.monotonic() - f.created > emu.faults.output_ttl_s:
@@ -267,7 +276,7 @@ async def _send(request: web.Request, data: bytes, truncate: bool, rate: float) 
         if rate:
             await asyncio.sleep(chunk / rate)
     if truncate:
-        _emu(request).stats.count("truncated")
+        emulator_of(request).stats.count("truncated")
         request.transport.abort()
         raise asyncio.CancelledError
     await response.write_eof()

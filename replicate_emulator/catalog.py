@@ -10,7 +10,7 @@ import dataclasses
 import hashlib
 from typing import Any
 
-from .schemas import Choice, NO_DEFAULT, cog_schema, field, resolved_properties, uri
+from .schemas import NO_DEFAULT, Choice, cog_schema, field, resolved_properties, uri
 
 URI = {"type": "string", "format": "uri"}
 URI_LIST = {"type": "array", "items": URI}

@@ -14,7 +14,7 @@ from aiohttp import web
 
 from . import catalog, media, outputs
 from .faults import Faults, decide, markers
-from .state import Prediction, OutputFile, Stats, Windows, new_id, now_iso
+from .state import OutputFile, Prediction, Stats, Windows, new_id, now_iso
 
 JSON_TYPE = "application/json"
 TOKEN_STATES = ("valid", "invalid", "no_credit", "low_credit")
@@ -181,15 +181,15 @@ class Emulator:
 EMULATOR_KEY = web.AppKey("emulator", Emulator)
 
 
-def _emu(request: web.Request) -> Emulator:
+def emulator_of(request: web.Request) -> Emulator:
     return request.app[EMULATOR_KEY]
 
 
-def _base(request: web.Request) -> str:
+def base_url(request: web.Request) -> str:
     return f"{request.scheme}://{request.host}"
 
 
-async def _json_body(request: web.Request) -> dict | web.Response:
+async def read_json_body(request: web.Request) -> dict | web.Response:
     try:
         body = await request.json()
     except (ValueError, UnicodeDecodeError):

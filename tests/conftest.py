@@ -1,25 +1,24 @@
-"""Fixtures: the emulator (one per session, reset for every test) and the service, started
-for real on free loopback ports."""
+"""Fixtures: the emulator (one per session, reset for every test), the service started for
+real on a free loopback port, and a real redis-server. Shared helpers are in helpers.py."""
 from __future__ import annotations
 
 import logging
 import threading
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import requests
 from werkzeug.serving import make_server
 
-from app import create_app
+from gateway.app import create_app, start, stop
 from replicate_emulator import EmulatorServer
 from replicate_emulator.control_client import EmulatorControl
 
-logging.getLogger("werkzeug").setLevel(logging.WARNING)
+from helpers import ADMIN_KEY, SERVER_TOKEN
+from redis_fixture import redis_server, redis_url  # noqa: F401  (fixtures)
 
-SERVER_TOKEN = "r8_servertoken000000000001"
-ADMIN_KEY = "admin-key-for-tests-0001"
-USER_TOKEN = "r8_usertoken00000000000002"
-ADMIN = {"X-Admin-API-Key": ADMIN_KEY}
+logging.getLogger("werkzeug").setLevel(logging.WARNING)
 
 
 @pytest.fixture(scope="session")
@@ -37,13 +36,15 @@ def emu(emulator_server: EmulatorServer) -> EmulatorControl:
 
 
 class Service:
-    """The service on a real HTTP server thread."""
+    """The service on a real HTTP server thread, started and stopped as gunicorn does."""
 
     def __init__(self, app) -> None:
         self.app = app
+        start(app)
         self._server = make_server("127.0.0.1", 0, app, threaded=True)
         self.url = f"http://127.0.0.1:{self._server.server_port}"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
+                                        daemon=True)
         self._thread.start()
         self.http = requests.Session()
 
@@ -56,7 +57,7 @@ class Service:
     def stop(self) -> None:
         self._server.shutdown()
         self._thread.join(10)
-        self.app.extensions["generation"].shutdown()
+        stop(self.app)
 
 
 @pytest.fixture
@@ -81,7 +82,3 @@ def make_service(emulator_server: EmulatorServer, tmp_path):
 @pytest.fixture
 def service(make_service, emu) -> Service:
     return make_service()
-
-
-# A real redis-server for the shared-limits tests (session) and a flushed database (per test).
-from redis_fixture import redis_server, redis_url  # noqa: E402,F401

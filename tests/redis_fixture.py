@@ -4,7 +4,6 @@ command (never a silent skip)."""
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -14,13 +13,9 @@ from pathlib import Path
 import pytest
 import redis
 
+from helpers import free_port
+
 INSTALL = "apt-get install -y redis-server"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class RedisServer:
@@ -32,7 +27,7 @@ class RedisServer:
             pytest.fail(f"redis-server is not installed; install it with: {INSTALL} "
                         f"(or run scripts/system-deps.sh as root)", pytrace=False)
         self.binary, self.directory, self.password = binary, Path(directory), password
-        self.port = _free_port()
+        self.port = free_port()
         self.process: subprocess.Popen | None = None
 
     @property

@@ -1,4 +1,4 @@
-"""Issue 3: every example of the spec works as written; validation; errors are JSON."""
+"""Every example of the spec works as written; validation; errors are JSON."""
 from __future__ import annotations
 
 import json
@@ -6,8 +6,9 @@ import os
 
 import pytest
 
-from conftest import ADMIN, SERVER_TOKEN, USER_TOKEN
 from replicate_emulator import read_stamp
+
+from helpers import ADMIN, SERVER_TOKEN, USER_TOKEN
 
 
 def test_health(service):

@@ -7,20 +7,18 @@ import logging
 import os
 import secrets
 import signal
-import subprocess
 import sys
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
 
-from conftest import SERVER_TOKEN
-from redaction import MASK, MIN_TRACKED, Redactor
+from gateway.engine.upstream import SessionCache, UpstreamSession
+from gateway.redaction import MASK, MIN_TRACKED, Redactor
 from replicate_emulator import Emulator, EmulatorServer
-from test_packaging import ROOT, free_port, service_env, start, wait_healthy
-from upstream import SessionCache, UpstreamSession
+
+from helpers import GUNICORN, SERVER_TOKEN, children, free_port, service_env, start, wait_for, wait_healthy
 
 URL = "http://127.0.0.1:9"  # nothing is sent in the unit tests: clients are built, not used
 BODY = {"model_name": "flux-dev", "prompt": "x"}
@@ -40,7 +38,7 @@ def cache(**kwargs) -> SessionCache:
 
 def closed(session: UpstreamSession) -> bool:
     try:
-        _ = session._client   # an open session builds or returns a client; a closed one refuses
+        _ = session.client   # an open session builds or returns a client; a closed one refuses
     except RuntimeError:
         return True
     return False
@@ -52,7 +50,7 @@ def test_the_cache_never_holds_more_than_its_cap_and_closes_what_it_evicts():
     seen = []
     for i in range(20):
         with sessions.using(f"token-{i:02d}-made-up") as session:
-            _ = session._client   # build its client, as a request would
+            _ = session.client   # build its client, as a request would
             seen.append(session)
         assert len(sessions) <= 3
     assert [closed(s) for s in seen] == [True] * 17 + [False] * 3
@@ -100,7 +98,7 @@ def test_a_held_session_does_not_expire():
 def test_an_evicted_session_in_use_is_closed_only_on_its_last_release():
     sessions = cache(capacity=1)
     running = sessions.acquire("token-running", uses=2)   # e.g. a batch of two items
-    http = running._client._client
+    http = running.client._client
     for i in range(5):
         sessions.get(f"token-other-{i}")   # evicts it from the cache
     assert len(sessions) == 1 and not http.is_closed and not closed(running)
@@ -140,7 +138,7 @@ def test_a_lane_job_releases_its_session_however_it_ends():
 def test_a_session_builds_its_clients_on_demand():
     session = UpstreamSession("token-one-request", URL, keepalive=1000, pool_timeout=1)
     assert session.built_shards == 0   # 16 possible shards, none built yet
-    _ = session._client
+    _ = session.client
     assert session.built_shards == 1
     session.close()
 
@@ -212,14 +210,7 @@ def test_the_service_masks_the_tokens_of_its_sessions(make_service, emu, caplog)
 
 # -- the real process ------------------------------------------------------------------------
 def _worker(master: int, seconds: float = 20) -> int:
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(master)], capture_output=True, text=True,
-                             check=False).stdout
-        if out.split():
-            return int(out.split()[0])
-        time.sleep(0.1)
-    raise AssertionError("gunicorn started no worker")
+    return wait_for(lambda: children(master), seconds, step=0.1, message="gunicorn started no worker")[0]
 
 
 def _footprint(pid: int) -> tuple[int, int]:
@@ -237,14 +228,14 @@ def _send(base: str, tokens: list[str], pool: ThreadPoolExecutor) -> set[int]:
 
 
 def test_made_up_tokens_do_not_grow_the_worker(tmp_path):
-    """The issue's "done when": 1000 requests with 1000 made-up tokens grow the gunicorn
-    worker by under 20 MB and 20 descriptors (each used to keep a client, a TLS context, a
-    pool and a socket for good: ~0.85 MB and a descriptor per token)."""
+    """1000 requests with 1000 made-up tokens grow the gunicorn worker by under 20 MB and 20
+    descriptors (each used to keep a client, a TLS context, a pool and a socket for good:
+    ~0.85 MB and a descriptor per token)."""
     upstream = Emulator(accept_any_token=False)   # any token not configured is answered 401
     upstream.token_states[SERVER_TOKEN] = "valid"
     with EmulatorServer(emulator=upstream) as emulator:
         port = free_port()
-        proc = start([sys.executable, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py"), "app:app"],
+        proc = start([sys.executable, *GUNICORN],
                      service_env(emulator, tmp_path, port, REPLICATE_PREFER_WAIT_SECONDS="0"), tmp_path)
         log: list[str] = []
         drain = threading.Thread(target=lambda: log.extend(proc.stdout), daemon=True)  # access log

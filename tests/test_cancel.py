@@ -6,19 +6,9 @@ from __future__ import annotations
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from conftest import ADMIN
+from helpers import ADMIN, finished_job, wait_for
 
 FINAL = ("succeeded", "failed", "canceled")
-
-
-def wait_for(condition, seconds: float = 20.0, step: float = 0.05):
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        value = condition()
-        if value:
-            return value
-        time.sleep(step)
-    raise AssertionError("condition not reached")
 
 
 def job(service, job_id: str) -> dict:
@@ -45,7 +35,7 @@ def test_held_creates_show_running_and_a_cancel_reaches_them_within_5_s(make_ser
     ids = {p["id"] for p in emu.predictions()}
     wait_for(lambda: set(emu.stats()["canceled_ids"]) == ids, seconds=10)
     assert time.monotonic() - started <= 5.0
-    final = wait_for(lambda: (lambda j: j if j["status"] not in ("queued", "running") else None)(job(service, job_id)))
+    final = finished_job(service.get, job_id, seconds=20)
     assert final["status"] == "canceled" and final["counts"]["canceled"] == 6
     time.sleep(1.0)  # the held creates have answered by now: nothing may come back to life
     again = job(service, job_id)
@@ -71,8 +61,7 @@ def test_retry_right_after_cancel_waits_for_the_last_run_to_stop(make_service, e
             service.post(f"/jobs/{job_id}/retry", headers=ADMIN)), seconds=15, step=0.2)
     retried = first.json()["retried"]
     assert len(retried) == 30  # all of them were canceled
-    done = wait_for(lambda: (lambda j: j if j["status"] not in ("queued", "running") else None)(job(service, job_id)),
-                    seconds=60, step=0.2)
+    done = finished_job(service.get, job_id, seconds=60)
     assert done["status"] == "succeeded", done["counts"]
     assert all(item["status"] == "succeeded" for item in done["items"])
     created = [p["input"]["prompt"] for p in emu.predictions()]
@@ -89,7 +78,7 @@ def test_generation_timeout_bounds_a_held_create(make_service, emu):
     [prediction] = wait_for(lambda: emu.predictions())
     wait_for(lambda: emu.stats()["canceled_ids"] == [prediction["id"]], seconds=10)
     assert time.monotonic() - started <= 3 + 2
-    final = wait_for(lambda: (lambda j: j if j["status"] not in ("queued", "running") else None)(job(service, job_id)))
+    final = finished_job(service.get, job_id, seconds=20)
     [item] = final["items"]
     assert item["status"] == "failed" and "timed out after 3 s (GENERATION_TIMEOUT)" in item["error"]
 

@@ -8,17 +8,16 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from conftest import ADMIN_KEY
 from gateway import cli
 from replicate_emulator import read_stamp
 
-ROOT = Path(__file__).resolve().parent.parent
+from helpers import ADMIN_KEY, ROOT, wait_for
+
 PROMPTS = [f"prompt number {i}: a lighthouse in a storm" for i in range(30)]
 NAMES = [f"shot_{i:02d}" for i in range(30)]
 
@@ -37,7 +36,7 @@ def write_csv(path: Path, prompts: list[str], names: list[str]) -> Path:
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["prompt", "filename"])
-        writer.writerows(zip(prompts, names))
+        writer.writerows(zip(prompts, names, strict=True))
     return path
 
 
@@ -59,11 +58,11 @@ def test_a_csv_batch_saves_every_prompt_under_its_own_name(make_service, emu, tm
     assert "30 succeeded" in done.stdout
     saved = images(out)
     assert sorted(saved) == NAMES
-    for prompt, name in zip(PROMPTS, NAMES):
+    for prompt, name in zip(PROMPTS, NAMES, strict=True):
         assert read_stamp(saved[name])["prompt"] == prompt
     lines = results(out)
     assert [r["index"] for r in lines] == list(range(30)) and [r["prompt"] for r in lines] == PROMPTS
-    for record, name in zip(lines, NAMES):
+    for record, name in zip(lines, NAMES, strict=True):
         assert record["files"] == [str(out / f"{name}.webp")] and record["error"] is None
         assert record["prediction_id"]
     assert emu.stats()["counters"]["creates"] == 30
@@ -77,10 +76,10 @@ def test_an_interrupted_batch_resumes_without_creating_or_downloading_anything_t
     args = ["-m", "gateway.cli", "batch", str(source), "--model", "flux-dev", "--out", str(out)]
     first = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=cli_env(service.url),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not (out.is_dir() and len(images(out)) >= 3):
-        time.sleep(0.05)
-    first.send_signal(signal.SIGINT)
+    try:
+        wait_for(lambda: out.is_dir() and len(images(out)) >= 3, seconds=60)
+    finally:
+        first.send_signal(signal.SIGINT)
     _, err = first.communicate(timeout=30)
     assert first.returncode == 130 and "run the same command again" in err
     before = {name: (p.stat().st_ino, p.stat().st_mtime_ns) for name, p in images(out).items()}
@@ -94,7 +93,7 @@ def test_an_interrupted_batch_resumes_without_creating_or_downloading_anything_t
     saved = images(out)
     assert sorted(saved) == NAMES
     assert all((saved[n].stat().st_ino, saved[n].stat().st_mtime_ns) == stamp for n, stamp in before.items())
-    assert all(read_stamp(saved[n])["prompt"] == p for p, n in zip(PROMPTS, NAMES))
+    assert all(read_stamp(saved[n])["prompt"] == p for p, n in zip(PROMPTS, NAMES, strict=True))
     assert emu.stats()["counters"]["creates"] == 30
     assert len(results(out)) == 30
 

@@ -1,29 +1,18 @@
-"""Issue 3: order, per-token isolation and limits, proven from the emulator's side."""
+"""Order, per-token isolation and limits, proven from the emulator's side."""
 from __future__ import annotations
 
 import os
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from conftest import ADMIN, SERVER_TOKEN, USER_TOKEN
 from replicate_emulator import read_stamp
 from replicate_emulator.control_client import max_in_window, max_overlap
+
+from helpers import ADMIN, SERVER_TOKEN, USER_TOKEN, wait_for
 
 
 def batch(service, prompts, headers=ADMIN, **params):
     return service.post("/generate-batch", {"model_name": "flux-dev", "prompts": prompts, **params}, headers)
-
-
-def wait_for(condition, seconds=20.0):
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError("condition not reached")
 
 
 def test_fifty_prompts_with_random_latency_keep_their_order(service, emu):
@@ -67,7 +56,7 @@ def test_limit_five_is_reached_and_never_passed(make_service, emu):
 
 
 def test_limit_is_the_real_one_above_fifty(make_service, emu):
-    """Pitfall 6: no smaller fixed pool (50 threads, or 6 on two cores) under the limit."""
+    """No smaller fixed pool (50 threads, or 6 on two cores) may sit under the configured limit."""
     emu.set_faults(latency_s=1.0)
     service = make_service(REPLICATE_CONCURRENT_LIMIT=80)
     assert batch(service, [f"p{i}" for i in range(80)]).json()["successful_count"] == 80
@@ -88,7 +77,7 @@ def test_limits_are_per_token(make_service, emu):
 
 
 def test_rate_window_holds_and_the_batch_finishes(make_service, emu):
-    """10 a window, 13 prompts: never 11 in one window, no deadlock at the limit (pitfall 4).
+    """10 a window, 13 prompts: never 11 in one window, and the limiter does not deadlock at the limit.
     The window is 2 s on both sides so the test takes seconds, not minutes."""
     emu.set_faults(window_s=2, create_limit=10, latency_s=0.05)
     service = make_service(REPLICATE_REQUESTS_PER_MINUTE=10, REPLICATE_RATE_WINDOW_SECONDS=2)
@@ -134,7 +123,7 @@ def test_configure_lowers_the_limit_mid_batch(make_service, emu):
 
 
 def test_status_reports_real_in_flight_counts(make_service, emu):
-    """Pitfall 9: /status counts what is really running, not a private counter."""
+    """/status counts what is really running, not a private counter."""
     emu.set_faults(latency_s=1.0)
     service = make_service(REPLICATE_CONCURRENT_LIMIT=4)
     with ThreadPoolExecutor(1) as pool:
@@ -147,7 +136,7 @@ def test_status_reports_real_in_flight_counts(make_service, emu):
 
 
 def test_timeout_cancels_the_prediction_and_frees_the_slot(make_service, emu):
-    """Pitfall 10: past GENERATION_TIMEOUT the prediction is canceled upstream, the slot is
+    """Past GENERATION_TIMEOUT the prediction is canceled upstream, the slot is
     freed, and the client gets a message that says what happened."""
     service = make_service(GENERATION_TIMEOUT=1.5, REPLICATE_PREFER_WAIT_SECONDS=1)
     r = service.post("/generate", {"model_name": "flux-dev", "prompt": "never ends [[hang]]"}, ADMIN)
@@ -158,7 +147,7 @@ def test_timeout_cancels_the_prediction_and_frees_the_slot(make_service, emu):
 
 
 def test_concurrent_requests_never_share_a_file(service, emu):
-    """Pitfall 14: same default names and same custom names, at the same time."""
+    """Same default names and same custom names, at the same time: no file overwrites another."""
     with ThreadPoolExecutor(6) as pool:
         singles = [pool.submit(service.post, "/generate", {"model_name": "flux-dev", "prompt": f"s{i}"}, ADMIN)
                    for i in range(4)]
@@ -180,4 +169,5 @@ def test_a_failure_does_not_affect_other_items(service, emu):
     assert all(f["prompt"] == prompts[i] for i, f in failed.items())
     folder = Path(body["successful_results"][0]["files"][0]).parent
     assert sorted(p.name for p in folder.iterdir()) == [
-        "flux_dev_0.json", "flux_dev_0.webp", "flux_dev_2.json", "flux_dev_2.webp", "flux_dev_4.json", "flux_dev_4.webp"]
+        "flux_dev_0.json", "flux_dev_0.webp", "flux_dev_2.json", "flux_dev_2.webp",
+        "flux_dev_4.json", "flux_dev_4.webp"]

@@ -5,7 +5,7 @@ import pytest
 import requests
 import responses
 
-from downloads import DownloadError, Downloader, new_session, sniff_extension
+from gateway.engine.downloads import Downloader, DownloadError, new_session, sniff_extension
 from model_functions import MODELS, outputs_of
 
 URL = "https://replicate.delivery/abc/out-0.webp"
@@ -98,7 +98,7 @@ def test_a_passed_deadline_fetches_nothing(tmp_path):
 
 
 def test_single_file_output_is_not_iterated():
-    """Pitfall 16: iterating a single URL (or file) yields characters or byte chunks."""
+    """Iterating a single URL (or file) yields characters or byte chunks, not outputs."""
     assert outputs_of(MODELS["flux-kontext-max"], "https://h/out.png") == ["https://h/out.png"]
     assert outputs_of(MODELS["flux-dev"], ["https://h/1.webp", "https://h/2.webp"]) == [
         "https://h/1.webp", "https://h/2.webp"]

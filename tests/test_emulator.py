@@ -1,21 +1,22 @@
-"""Issue 2: the emulator behaves like Replicate for the official client and for raw HTTP."""
+"""The emulator behaves like Replicate for the official client and for raw HTTP."""
 from __future__ import annotations
 
+import io
 import random
 import subprocess
 import sys
 import time
 
-import httpx
 import pytest
 import replicate
 import requests
 from PIL import Image
-import io
 
 from replicate_emulator import Faults, read_stamp
 from replicate_emulator.control_client import EmulatorControl, max_in_window
 from replicate_emulator.images import dimensions
+
+from helpers import free_port, wait_for
 
 MODELS = {
     "black-forest-labs/flux-dev": {"prompt": "a red car", "aspect_ratio": "16:9", "output_format": "jpg"},
@@ -177,10 +178,12 @@ def test_lifecycle_fields(emulator_server, emu):
     c = client(emulator_server)
     p = c.models.predictions.create(model="black-forest-labs/flux-dev", input={"prompt": "x"})
     seen = {p.status}
-    while p.status not in ("succeeded", "failed", "canceled"):
-        time.sleep(0.05)
-        p = c.predictions.get(p.id)
-        seen.add(p.status)
+
+    def final():
+        latest = c.predictions.get(p.id)
+        seen.add(latest.status)
+        return latest if latest.status in ("succeeded", "failed", "canceled") else None
+    p = wait_for(final, seconds=20, step=0.05)
     assert seen == {"starting", "processing", "succeeded"}
     raw = requests.get(p.urls["get"], headers={"Authorization": "Bearer r8_emulatortest0001"}).json()
     for field in ("id", "model", "version", "input", "output", "data_removed", "error", "status",
@@ -209,7 +212,9 @@ def test_cancel_after_aborts_or_cancels(emulator_server, emu):
     emu.set_faults(start_delay_s=0)
     running = requests.post(url, headers=headers, json={"input": {"prompt": "x"}}).json()
     time.sleep(0.5)
-    get = lambda p: requests.get(p["urls"]["get"], headers={"Authorization": "Bearer ca"}).json()["status"]
+
+    def get(p):
+        return requests.get(p["urls"]["get"], headers={"Authorization": "Bearer ca"}).json()["status"]
     assert get(waiting) == "aborted" and get(running) == "canceled"
     emu.set_faults(cancel_after_min_s=5)
     refused = requests.post(url, headers=headers, json={"input": {"prompt": "x"}})
@@ -324,12 +329,12 @@ def test_output_404_truncation_and_slow_downloads(emulator_server, emu):
     emu.set_faults(output_404_rate=0.0, truncate_rate=1.0)
     whole = raw_create(emulator_server).json()["output"][0]
     with pytest.raises(requests.exceptions.ChunkedEncodingError):
-        requests.get(whole).content  # truncation is decided per download
+        _ = requests.get(whole).content  # truncation is decided per download
     emu.set_faults(truncate_rate=0.0)
     assert read_stamp(fetch(whole))
     marked = raw_create(emulator_server, "x [[truncate]]").json()["output"][0]
     with pytest.raises(requests.exceptions.ChunkedEncodingError):
-        requests.get(marked).content  # a marked file is cut short every time
+        _ = requests.get(marked).content  # a marked file is cut short every time
     assert requests.get(missing).status_code == 404
     size = len(fetch(whole))
     emu.set_faults(download_bytes_per_s=size * 2)
@@ -344,22 +349,23 @@ def test_markers_set_latency(emulator_server, emu):
     assert p["metrics"]["predict_time"] >= 0.3
 
 
+def faults_once_up(control: EmulatorControl) -> dict:
+    """The emulator process's faults, once it answers (it has about ten seconds)."""
+    def faults() -> dict | None:
+        try:
+            return control.faults()
+        except requests.ConnectionError:
+            return None
+    return wait_for(faults, seconds=10, step=0.1, message="the emulator never answered")
+
+
 def test_command_line_start(tmp_path):
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "replicate_emulator", "--port", str(port),
                              "--set", "latency_s=0.01", "--set", "fail_rate=0.5"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        control = EmulatorControl(f"http://127.0.0.1:{port}")
-        for _ in range(100):
-            try:
-                faults = control.faults()
-                break
-            except requests.ConnectionError:
-                time.sleep(0.1)
+        faults = faults_once_up(EmulatorControl(f"http://127.0.0.1:{port}"))
         assert faults["latency_s"] == 0.01 and faults["fail_rate"] == 0.5
     finally:
         proc.terminate()
@@ -372,22 +378,16 @@ def test_command_line_start(tmp_path):
 def test_a_thousand_open_waits(tmp_path):
     """1000 `Prefer: wait` creates held open at once against an emulator process."""
     import asyncio
+
     import aiohttp
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "replicate_emulator", "--port", str(port),
-                             "--set", "latency_s=3", "--set", "create_limit=5000"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "--set", "latency_s=3", "--set", "create_limit=5000"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     control = EmulatorControl(base)
     try:
-        for _ in range(100):
-            try:
-                control.faults()
-                break
-            except requests.ConnectionError:
-                time.sleep(0.1)
+        faults_once_up(control)
 
         async def main():
             connector = aiohttp.TCPConnector(limit=0)

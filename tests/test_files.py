@@ -13,11 +13,12 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import ADMIN, USER_TOKEN
-from files import default_stems, describe_data_uri
+from gateway.config import Settings
+from gateway.engine.files import default_stems, describe_data_uri
+from gateway.state import gateway_state
 from replicate_emulator import read_stamp
-from settings import Settings
-from test_packaging import ROOT, free_port, service_env, start, stop, wait_healthy
+
+from helpers import ADMIN, ROOT, USER_TOKEN, free_port, service_env, start, stop, wait_healthy
 
 USER = {"X-Replicate-API-Key": USER_TOKEN}
 OTHER = {"X-Replicate-API-Key": "r8_othertoken0000000000003"}
@@ -66,7 +67,7 @@ def test_a_name_too_long_in_bytes_is_refused_before_anything_is_paid_for(service
     job = service.post("/jobs", {"model_name": "flux-dev", "prompt": "x", "custom_filename": name}, ADMIN)
     assert job.status_code == 400 and job.json()["field"] == "custom_filename"
     assert emu.stats()["counters"].get("create_attempts", 0) == 0
-    assert not [p for p in Path(service.app.extensions["settings"].output_dir).rglob("*") if p.is_file()
+    assert not [p for p in Path(gateway_state(service.app).settings.output_dir).rglob("*") if p.is_file()
                 and p.name != ".jobs.sqlite3" and not p.name.startswith(".jobs.sqlite3-")]
 
 
@@ -134,7 +135,7 @@ def test_readme_states_the_default_batch_names_the_code_makes():
 # -- 5. download URLs and the job id in synchronous answers ---------------------------------
 def _downloads_match(service, files, urls, headers):
     assert len(urls) == len(files) > 0
-    for path, url in zip(files, urls):
+    for path, url in zip(files, urls, strict=True):
         assert url == f"/files/{Path(path).parent.name}/{Path(path).name}"
         r = service.get(url, headers=headers)
         assert r.status_code == 200 and r.content == Path(path).read_bytes()

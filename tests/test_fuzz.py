@@ -14,10 +14,12 @@ import re
 from urllib.parse import quote, quote_from_bytes
 
 import requests
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from conftest import ADMIN, USER_TOKEN
 from model_functions import MODELS
+
+from helpers import ADMIN, USER_TOKEN
 
 USER = {"X-Replicate-API-Key": USER_TOKEN}
 JSON_TYPE = {"Content-Type": "application/json"}

@@ -1,4 +1,4 @@
-"""Issue 5: durable jobs, with real processes where a restart is the point."""
+"""Durable jobs, with real processes where a restart is the point."""
 from __future__ import annotations
 
 import base64
@@ -7,7 +7,6 @@ import hmac
 import json
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -17,32 +16,35 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import ADMIN, ADMIN_KEY, SERVER_TOKEN, USER_TOKEN
 from replicate_emulator import read_stamp
-from test_packaging import ROOT, free_port, service_env, start, stop, wait_healthy
+
+from helpers import (
+    ADMIN,
+    GUNICORN,
+    SERVER_TOKEN,
+    USER_TOKEN,
+    children,
+    finished_job,
+    free_port,
+    service_env,
+    start,
+    stop,
+    wait_for,
+    wait_healthy,
+)
 
 SECRET = "whsec_" + base64.b64encode(b"test-webhook-secret-bytes").decode()
 OTHER = {"X-Replicate-API-Key": "r8_othertoken0000000000003"}
 USER = {"X-Replicate-API-Key": USER_TOKEN}
 
 
-def wait_job(service, job_id, headers=ADMIN, seconds=60):
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        job = service.get(f"/jobs/{job_id}", headers=headers).json()
-        if job["status"] not in ("queued", "running"):
-            return job
-        time.sleep(0.1)
-    raise AssertionError(f"job still {job['status']}")
-
-
 def test_submit_watch_and_download(service, emu):
     r = service.post("/jobs", {"model_name": "flux-dev", "prompts": ["a cat", "a dog"],
                                "custom_filenames": ["cat", "dog"], "output_format": "png"}, ADMIN)
     assert r.status_code == 202 and r.headers["Location"] == r.json()["status_url"]
-    job = wait_job(service, r.json()["job_id"])
+    job = finished_job(service.get, r.json()["job_id"])
     assert job["status"] == "succeeded" and job["counts"]["succeeded"] == 2 and job["total"] == 2
-    for item, prompt, name in zip(job["items"], ["a cat", "a dog"], ["cat", "dog"]):
+    for item, prompt, name in zip(job["items"], ["a cat", "a dog"], ["cat", "dog"], strict=False):
         assert item["prompt"] == prompt and item["prediction_id"] and item["started_at"] and item["finished_at"]
         [url] = item["urls"]
         assert url.endswith(f"/{name}.png")
@@ -57,7 +59,7 @@ def test_submit_watch_and_download(service, emu):
 def test_single_prompt_job_and_listing(service, emu):
     first = service.post("/jobs", {"model_name": "qwen-image", "prompt": "一"}, USER).json()["job_id"]
     second = service.post("/jobs", {"model_name": "qwen-image", "prompt": "二"}, USER).json()["job_id"]
-    wait_job(service, first, USER), wait_job(service, second, USER)
+    finished_job(service.get, first, USER), finished_job(service.get, second, USER)
     listed = service.get("/jobs?per_page=1", headers=USER).json()
     assert [j["job_id"] for j in listed["jobs"]] == [second] and listed["next_page"] == 2
     assert [j["job_id"] for j in service.get("/jobs?page=2&per_page=1", headers=USER).json()["jobs"]] == [first]
@@ -70,7 +72,7 @@ def test_idempotent_resubmit_creates_nothing_new(service, emu):
     body = {"model_name": "flux-dev", "prompts": ["x", "y"]}
     headers = {**ADMIN, "Idempotency-Key": "order-42"}
     first = service.post("/jobs", body, headers)
-    wait_job(service, first.json()["job_id"])
+    finished_job(service.get, first.json()["job_id"])
     again = service.post("/jobs", body, headers)
     assert again.status_code == 200 and again.json()["job_id"] == first.json()["job_id"]
     assert emu.stats()["counters"]["creates"] == 2
@@ -82,7 +84,7 @@ def test_idempotent_resubmit_creates_nothing_new(service, emu):
 
 def test_jobs_and_files_are_invisible_to_other_tokens(service, emu):
     job_id = service.post("/jobs", {"model_name": "flux-dev", "prompt": "mine"}, USER).json()["job_id"]
-    job = wait_job(service, job_id, USER)
+    job = finished_job(service.get, job_id, USER)
     url = job["items"][0]["urls"][0]
     for path in (f"/jobs/{job_id}", url):
         assert service.get(path, headers=OTHER).status_code == 404
@@ -99,15 +101,11 @@ def test_cancel_stops_queued_and_running_items(make_service, emu):
     service = make_service(REPLICATE_CONCURRENT_LIMIT=2, REPLICATE_PREFER_WAIT_SECONDS=1)
     job_id = service.post("/jobs", {"model_name": "flux-dev", "prompts": [f"p{i}" for i in range(6)]},
                           ADMIN).json()["job_id"]
-    end = time.monotonic() + 10
-    while len(emu.predictions()) < 2 and time.monotonic() < end:
-        time.sleep(0.05)
+    wait_for(lambda: len(emu.predictions()) >= 2, seconds=10)
     assert service.post(f"/jobs/{job_id}/cancel", headers=ADMIN).status_code == 200
-    job = wait_job(service, job_id)
+    job = finished_job(service.get, job_id)
     assert job["status"] == "canceled" and job["counts"]["canceled"] == 6
-    end = time.monotonic() + 10
-    while len(emu.stats()["canceled_ids"]) < 2 and time.monotonic() < end:
-        time.sleep(0.05)
+    wait_for(lambda: len(emu.stats()["canceled_ids"]) >= 2, seconds=10)
     stats = emu.stats()
     assert stats["counters"]["creates"] == 2 and len(stats["canceled_ids"]) == 2
 
@@ -116,11 +114,11 @@ def test_retry_runs_failed_items_again_into_the_same_names(service, emu):
     emu.set_faults(fail_rate=1.0)
     job_id = service.post("/jobs", {"model_name": "flux-dev", "prompts": ["a", "b", "c"],
                                     "custom_filenames": ["one", "two", "three"]}, ADMIN).json()["job_id"]
-    assert wait_job(service, job_id)["status"] == "failed"
+    assert finished_job(service.get, job_id)["status"] == "failed"
     emu.set_faults(fail_rate=0.0)
     r = service.post(f"/jobs/{job_id}/retry", headers=ADMIN)
     assert r.status_code == 202 and r.json()["retried"] == [0, 1, 2]
-    job = wait_job(service, job_id)
+    job = finished_job(service.get, job_id)
     assert job["status"] == "succeeded"
     assert [os.path.basename(i["files"][0]) for i in job["items"]] == ["one.webp", "two.webp", "three.webp"]
     assert emu.stats()["counters"]["creates"] == 6
@@ -162,11 +160,9 @@ def test_webhook_is_signed_and_retried_until_delivered(make_service, emu):
     service = make_service(WEBHOOK_SECRET=SECRET, WEBHOOK_ALLOW_PRIVATE="true")
     job_id = service.post("/jobs", {"model_name": "flux-dev", "prompt": "hook", "webhook": receiver.url},
                           ADMIN).json()["job_id"]
-    wait_job(service, job_id)
-    end = time.monotonic() + 15
-    while len(receiver.received) < 3 and time.monotonic() < end:
-        time.sleep(0.05)
-    time.sleep(0.5)
+    finished_job(service.get, job_id)
+    wait_for(lambda: len(receiver.received) >= 3, seconds=15)
+    time.sleep(0.5)  # room for a fourth delivery, which must not come
     receiver.server.shutdown()
     assert len(receiver.received) == 3  # two failures, then one delivery, then nothing more
     assert len({h["webhook-id"] for h, _ in receiver.received}) == 1
@@ -194,31 +190,26 @@ def test_sigkill_mid_job_loses_nothing_and_creates_nothing_twice(emulator_server
     port = free_port()
     env = service_env(emulator_server, tmp_path, port, REPLICATE_CONCURRENT_LIMIT="8",
                       REPLICATE_PREFER_WAIT_SECONDS=str(prefer_wait), JOBS_DB=str(tmp_path / "jobs.sqlite3"))
-    command = [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py"), "app:app"]
+    command = [sys.executable, *GUNICORN]
     base = f"http://127.0.0.1:{port}"
     first = start(command, env, tmp_path)
     try:
         wait_healthy(base, first)
-        job_id = requests.post(f"{base}/jobs", json={"model_name": "flux-dev", "prompts": [f"durable {i}" for i in range(20)]},
+        job_id = requests.post(f"{base}/jobs", json={"model_name": "flux-dev",
+                                                     "prompts": [f"durable {i}" for i in range(20)]},
                                headers=ADMIN, timeout=10).json()["job_id"]
-        end = time.monotonic() + 10
-        while len(emu.predictions()) < 8 and time.monotonic() < end:
-            time.sleep(0.02)
+        wait_for(lambda: len(emu.predictions()) >= 8, seconds=10)
         time.sleep(prefer_wait == 1 and 1.3)  # past the 1 s wait: the ids are journaled
     finally:
-        for pid in _children(first.pid) + [first.pid]:  # the worker holds the work: kill it, no goodbyes
+        # The worker holds the work: kill it, no goodbyes (a SIGKILLed master leaves it orphaned).
+        for pid in children(first.pid) + [first.pid]:
             os.kill(pid, signal.SIGKILL)
         first.wait(10)
     assert 8 <= len(emu.predictions()) < 20
     second = start(command, env, tmp_path)
     try:
         wait_healthy(base, second)
-        end = time.monotonic() + 60
-        while time.monotonic() < end:
-            job = requests.get(f"{base}/jobs/{job_id}", headers=ADMIN, timeout=10).json()
-            if job["status"] not in ("queued", "running"):
-                break
-            time.sleep(0.2)
+        job = finished_job(lambda path, **kwargs: requests.get(base + path, timeout=10, **kwargs), job_id)
     finally:
         stop(second)
     assert job["status"] == "succeeded", [i["error"] for i in job["items"] if i["error"]]
@@ -226,9 +217,3 @@ def test_sigkill_mid_job_loses_nothing_and_creates_nothing_twice(emulator_server
     for item in job["items"]:
         assert read_stamp(item["files"][0])["prompt"] == f"durable {item['index']}"
     assert emu.stats()["counters"]["creates"] == 20
-
-
-def _children(pid: int) -> list[int]:
-    """The gunicorn worker(s) of a master: a SIGKILLed master leaves them orphaned."""
-    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]

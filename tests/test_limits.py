@@ -1,4 +1,4 @@
-"""The admission primitives, on an injected clock: exact and instant (pitfalls 4, 5, 7, 11)."""
+"""The admission primitives, on an injected clock: exact and instant."""
 from __future__ import annotations
 
 import inspect
@@ -8,8 +8,10 @@ import time
 import pytest
 
 from concurrency_manager import Lane, LaneManager, Pacer, RateWindow, SlotPool
+from gateway.engine.service import GenerationService
 from replicate_emulator.control_client import max_in_window
-from service import GenerationService
+
+from helpers import wait_for
 
 
 class FakeClock:
@@ -50,7 +52,7 @@ def test_window_refuses_past_a_deadline_without_booking():
 
 
 def test_the_601st_request_does_not_deadlock():
-    """Pitfall 4: at the limit a caller gets a delay back; nothing blocks or recurses."""
+    """At the limit a caller gets a delay back; nothing blocks or recurses (no self-deadlock)."""
     window = RateWindow(600, 60)
     for _ in range(600):
         assert window.reserve() == 0
@@ -62,7 +64,7 @@ def test_the_601st_request_does_not_deadlock():
 
 
 def test_nobody_waits_behind_a_sleeper():
-    """Pitfall 5: while one caller sleeps out its delay, others can still book."""
+    """While one caller sleeps out its delay, others can still book (no sleeping under the lock)."""
     window = RateWindow(1, 60)
     window.reserve()
     release = threading.Event()
@@ -100,7 +102,7 @@ def test_a_mostly_refused_window_adopts_the_accepted_rate_then_recovers():
     """Low-credit mode: the upstream accepts 6 a minute of the many sent."""
     clock = FakeClock()
     window = RateWindow(600, 60, clock)
-    for n in range(40):
+    for _ in range(40):
         window.reserve()
     for _ in range(34):
         window.throttled(5)                 # 34 of 40 refused
@@ -128,7 +130,7 @@ def test_pacer_spaces_calls_evenly():
 
 
 def test_slot_pool_resize_neither_loses_nor_invents_permits():
-    """Pitfall 7: holders keep their permits; admission follows the new limit."""
+    """Holders keep their permits; admission follows the new limit (no permit lost or invented)."""
     pool = SlotPool(5)
     assert all(pool.try_acquire() for _ in range(5))
     pool.set_limit(2)
@@ -172,9 +174,7 @@ def test_lane_runs_at_most_the_limit_and_frees_slots():
     assert started[3].wait(2) and started[4].wait(2)
     for event in finish:
         event.set()
-    deadline = time.monotonic() + 5
-    while lane.slots.in_use and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_for(lambda: not lane.slots.in_use, seconds=5, step=0.01)
     assert lane.slots.in_use == 0
     manager.shutdown()
 
@@ -197,6 +197,6 @@ def test_early_release_frees_the_slot_before_the_job_ends():
 
 
 def test_every_clock_is_monotonic_by_default():
-    """Pitfall 11: wall-clock time must not drive any window or deadline."""
+    """Wall-clock time must not drive any window or deadline."""
     for target in (RateWindow, Pacer, LaneManager, GenerationService):
         assert inspect.signature(target).parameters["clock"].default is time.monotonic

@@ -13,10 +13,10 @@ from types import SimpleNamespace
 import pytest
 import requests
 
-from conftest import ADMIN, USER_TOKEN
-from errors import ServiceError
-from model_functions import MODELS, check_param, invalid
-from test_packaging import ROOT, free_port, service_env, start, stop, wait_healthy
+from gateway.engine.models import MODELS, check_param, invalid
+from gateway.errors import ServiceError
+
+from helpers import ADMIN, GUNICORN, USER_TOKEN, free_port, service_env, start, stop, wait_healthy
 
 USER = {"X-Replicate-API-Key": USER_TOKEN}
 JSON_TYPE = {"Content-Type": "application/json"}
@@ -192,7 +192,7 @@ def test_an_odd_webhook_is_a_400_naming_it(make_service, emu):
 # -- the same under gunicorn, whose request parsing is not werkzeug's -------------------------
 def test_malformed_input_under_gunicorn(emulator_server, emu, tmp_path):
     port = free_port()
-    proc = start([sys.executable, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py"), "app:app"],
+    proc = start([sys.executable, *GUNICORN],
                  service_env(emulator_server, tmp_path, port), tmp_path)
     service = SimpleNamespace(url=f"http://127.0.0.1:{port}", http=requests.Session())
     generate = json.dumps(BASES["/generate"])

@@ -12,16 +12,15 @@ import socket
 import subprocess
 import sys
 import threading
-import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import requests
 
-from conftest import ADMIN
-from settings import ConfigError, Settings
-from test_packaging import ROOT, free_port, service_env, start, stop, wait_healthy
+from gateway.config import ConfigError, Settings
+
+from helpers import ADMIN, GUNICORN, ROOT, free_port, service_env, start, stop, wait_for, wait_healthy
 
 DEMO_ADMIN = {"X-Admin-API-Key": "demo-admin-key"}
 BUSY = ("Too many synchronous requests in progress (6, MAX_SYNC_REQUESTS); "
@@ -45,7 +44,7 @@ def test_control_plane_answers_while_sync_requests_exceed_the_threads(emulator_s
     answers at once."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = start([sys.executable, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py"), "app:app"],
+    proc = start([sys.executable, *GUNICORN],
                  service_env(emulator_server, tmp_path, port, GUNICORN_THREADS="8", MAX_SYNC_REQUESTS="6",
                              GENERATION_TIMEOUT="10"), tmp_path)
     answers: list[requests.Response] = []
@@ -58,9 +57,7 @@ def test_control_plane_answers_while_sync_requests_exceed_the_threads(emulator_s
         senders = [threading.Thread(target=one, args=(i,)) for i in range(12)]
         for sender in senders:
             sender.start()
-        end = time.monotonic() + 20
-        while len(emu.predictions()) < 6 and time.monotonic() < end:
-            time.sleep(0.1)
+        wait_for(lambda: len(emu.predictions()) >= 6, seconds=20, step=0.1)
         assert len(emu.predictions()) >= 6
         assert answered_within(1, "GET", f"{url}/health").status_code == 200
         assert answered_within(1, "GET", f"{url}/status").status_code == 200
@@ -98,9 +95,7 @@ def test_the_sync_request_bound_is_per_app(make_service, emu):
     holder = threading.Thread(target=first.post, args=("/generate", {"model_name": "flux-dev", "prompt": "[[hang]]"},
                                                        ADMIN))
     holder.start()
-    end = time.monotonic() + 10
-    while not emu.predictions() and time.monotonic() < end:
-        time.sleep(0.05)
+    wait_for(emu.predictions, seconds=10)
     busy = first.post("/generate", {"model_name": "flux-dev", "prompt": "a"}, ADMIN)
     assert busy.status_code == 503 and "(1, MAX_SYNC_REQUESTS)" in busy.json()["error"]
     assert second.post("/generate", {"model_name": "flux-dev", "prompt": "b"}, ADMIN).status_code == 200
@@ -180,27 +175,23 @@ class Demo:
         return self.log_path.read_text()
 
     def wait_healthy(self, seconds: float = 60) -> dict:
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
+        def health() -> dict | None:
             assert self.process.poll() is None, f"exited early: {self.log()}"
             try:
-                health = requests.get(self.url + "/health", timeout=2).json()
-                self.started = descendants(self.process.pid)
-                return health
+                answer = requests.get(self.url + "/health", timeout=2).json()
             except requests.ConnectionError:
-                time.sleep(0.2)
-        raise AssertionError(f"never became healthy: {self.log()}")
+                return None
+            self.started = descendants(self.process.pid)
+            return answer
+        return wait_for(health, seconds, step=0.2, message=lambda: f"never became healthy: {self.log()}")
 
     def assert_all_stopped(self, seconds: float = 15) -> None:
         """Both ports refuse connections and no process it started is left, within `seconds`."""
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            if port_free(self.port) and port_free(self.emulator_port) and not alive(self.started):
-                return
-            time.sleep(0.2)
-        raise AssertionError(f"still running: ports {self.port}: {not port_free(self.port)}, "
-                             f"{self.emulator_port}: {not port_free(self.emulator_port)}; "
-                             f"processes {alive(self.started)}\n{self.log()}")
+        wait_for(lambda: port_free(self.port) and port_free(self.emulator_port) and not alive(self.started),
+                 seconds, step=0.2,
+                 message=lambda: (f"still running: ports {self.port}: {not port_free(self.port)}, "
+                                  f"{self.emulator_port}: {not port_free(self.emulator_port)}; "
+                                  f"processes {alive(self.started)}\n{self.log()}"))
 
     def cleanup(self) -> None:
         """Whatever a failed test left running of what this Demo started."""
@@ -308,10 +299,11 @@ def test_the_readmes_first_job_example_works_against_the_demo(demo):
     submitted = requests.request(options["-X"], url, data=options["-d"], headers=headers, timeout=30)
     assert submitted.status_code == 202, submitted.text
     job_url = f"{demo.url}{submitted.json()['status_url']}"
-    end = time.monotonic() + 60
-    while (job := requests.get(job_url, headers=DEMO_ADMIN, timeout=10).json())["status"] in ("queued", "running"):
-        assert time.monotonic() < end, job
-        time.sleep(0.5)
+
+    def finished() -> dict | None:
+        job = requests.get(job_url, headers=DEMO_ADMIN, timeout=10).json()
+        return job if job["status"] not in ("queued", "running") else None
+    job = wait_for(finished, 60, step=0.5, message=f"{job_url} not finished")
     assert job["status"] == "succeeded", job
     for item in job["items"]:
         assert Path(item["files"][0]).is_file()

@@ -1,15 +1,11 @@
-"""Production packaging and start-up: gunicorn, python app.py, Docker files, settings,
-house rules (pitfalls 8, 18, 19, 20)."""
+"""Production packaging and start-up: gunicorn, python app.py, Docker files, settings, and
+house rules (logging not print, one model table, pinned dependencies, port 5003)."""
 from __future__ import annotations
 
 import ast
 import os
 import re
-import signal
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import dockerfile
@@ -18,57 +14,19 @@ import requests
 import yaml
 
 import model_functions
-from conftest import ADMIN, ADMIN_KEY, SERVER_TOKEN
+from gateway.config import ConfigError, Settings
+from gateway.engine import models as registry
 from model_functions import MODELS, ModelSpec, Param
-from settings import ConfigError, Settings
 
-ROOT = Path(__file__).resolve().parent.parent
-SHIPPED = sorted(p for p in ROOT.glob("*.py"))
+from helpers import ADMIN, GUNICORN, ROOT, SERVER_TOKEN, free_port, service_env, start, stop, wait_healthy
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start(command: list[str], env: dict, cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen(command, cwd=cwd, env={**os.environ, **env, "PYTHONPATH": str(ROOT)},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def wait_healthy(url: str, proc: subprocess.Popen, seconds: float = 30) -> dict:
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise AssertionError(f"exited early: {proc.stdout.read()}")
-        try:
-            return requests.get(url + "/health", timeout=1).json()
-        except requests.ConnectionError:
-            time.sleep(0.1)
-    raise AssertionError("never became healthy")
-
-
-def stop(proc: subprocess.Popen) -> str:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        out, _ = proc.communicate(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, _ = proc.communicate()
-    return out
-
-
-def service_env(emulator_server, tmp_path, port: int, **extra: str) -> dict:
-    return {"FLASK_HOST": "127.0.0.1", "FLASK_PORT": str(port), "REPLICATE_BASE_URL": emulator_server.url,
-            "OUTPUT_DIR": str(tmp_path / "out"), "REPLICATE_API_TOKEN": SERVER_TOKEN,
-            "CONCURRENT_DOCKER_ADMIN_API_KEY": ADMIN_KEY, **extra}
+SHIPPED = sorted([*ROOT.glob("*.py"), *(ROOT / "gateway").rglob("*.py")])
 
 
 def test_gunicorn_reads_the_environment_and_serves(emulator_server, emu, tmp_path):
-    """Pitfall 8: the environment's limits apply under gunicorn, not only under __main__."""
+    """The environment's limits apply under gunicorn, not only under __main__."""
     port = free_port()
-    proc = start([sys.executable, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py"), "app:app"],
+    proc = start([sys.executable, *GUNICORN],
                  service_env(emulator_server, tmp_path, port, REPLICATE_CONCURRENT_LIMIT="7",
                              REPLICATE_REQUESTS_PER_MINUTE="70"), tmp_path)
     try:
@@ -123,11 +81,11 @@ def test_secret_settings_are_never_echoed():
     with pytest.raises(ConfigError) as info:
         Settings.from_mapping({"REPLICATE_API_TOKEN": "x", "FLASK_PORT": "99999"})
     assert "FLASK_PORT" in str(info.value)
-    assert "secret" not in str(Settings.from_mapping({"REPLICATE_API_TOKEN": "secret"}).public())
+    assert "secret" not in repr(Settings.from_mapping({"REPLICATE_API_TOKEN": "secret"}))
 
 
 def test_defaults_match_the_spec():
-    """Pitfall 20: port 5003 in code, config and Docker alike."""
+    """Port 5003 in code, config and Docker alike (the code once said 5000)."""
     settings = Settings.from_mapping({})
     assert (settings.port, settings.host, settings.concurrent_limit, settings.requests_per_minute) == (
         5003, "0.0.0.0", 60, 600)
@@ -144,7 +102,7 @@ def _dockerfile() -> dict[str, list]:
 
 
 def test_dockerfile():
-    """Pitfall 19: slim base, pinned requirements, non-root, gunicorn, health check, volume."""
+    """Slim base, pinned requirements, non-root, gunicorn, health check, volume."""
     commands = _dockerfile()
     assert commands["FROM"][0].value[0] == "python:3.11-slim"
     assert any("-r requirements.txt" in c.value[0] for c in commands["RUN"])
@@ -154,9 +112,9 @@ def test_dockerfile():
     assert commands["CMD"][-1].value[:3] == ("gunicorn", "-c", "gunicorn.conf.py")
     assert "/health" in commands["HEALTHCHECK"][0].value[1]
     assert commands["VOLUME"][0].value == ("/app/output",) and commands["EXPOSE"][0].value == ("5003",)
-    copied = {name for c in commands["COPY"] for name in c.value[:-1]}
-    imported = {p.name for p in SHIPPED if p.name not in ("serve.py",)}
-    assert imported <= copied, imported - copied  # every service module is in the image
+    copied = {name.rstrip("/") for c in commands["COPY"] for name in c.value[:-1]}
+    shipped = {p.relative_to(ROOT).parts[0] for p in SHIPPED if p.name != "serve.py"}
+    assert shipped <= copied, shipped - copied  # the package and every root module are in the image
 
 
 def test_compose_file():
@@ -171,9 +129,9 @@ def test_compose_file():
 
 @pytest.mark.parametrize("name", ["requirements.txt", "requirements-dev.txt"])
 def test_every_dependency_is_pinned(name):
-    lines = [l.split("#")[0].strip() for l in (ROOT / name).read_text().splitlines()]
-    lines = [l for l in lines if l and not l.startswith("-r ")]
-    assert lines and all(re.fullmatch(r"[A-Za-z0-9_.\-]+==[0-9][\w.]*", l) for l in lines), lines
+    lines = [line.split("#")[0].strip() for line in (ROOT / name).read_text().splitlines()]
+    lines = [line for line in lines if line and not line.startswith("-r ")]
+    assert lines and all(re.fullmatch(r"[A-Za-z0-9_.\-]+==[0-9][\w.]*", line) for line in lines), lines
 
 
 def test_env_example_lists_every_documented_variable():
@@ -184,15 +142,16 @@ def test_env_example_lists_every_documented_variable():
         assert f"{variable}=" in text
 
 
-@pytest.mark.parametrize("path", SHIPPED + sorted((ROOT / "replicate_emulator").glob("*.py")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", SHIPPED + sorted((ROOT / "replicate_emulator").glob("*.py")),
+                         ids=lambda p: str(p.relative_to(ROOT)))
 def test_no_print_in_shipped_code(path):
-    """Pitfall 18: logging, not print."""
+    """Logging, not print."""
     tree = ast.parse(path.read_text())
     assert not [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "print"]
 
 
 def test_adding_a_model_is_adding_an_entry(service, emu, monkeypatch):
-    """Pitfall 18: no per-model functions; a new table entry is a working model."""
+    """No per-model functions; a new table entry is a working model."""
     spec = ModelSpec("flux-dev-small", "black-forest-labs/flux-dev", "Small flux", "list",
                      {"megapixels": Param("string", "0.25", choices=("0.25",))})
     monkeypatch.setitem(model_functions.MODELS, spec.id, spec)
@@ -200,6 +159,6 @@ def test_adding_a_model_is_adding_an_entry(service, emu, monkeypatch):
     r = service.post("/generate", {"model_name": "flux-dev-small", "prompt": "tiny", "megapixels": "0.25"}, ADMIN)
     assert r.status_code == 200 and r.json()["files"][0].endswith("flux_dev_small.webp")
     assert emu.predictions()[0]["model"] == "black-forest-labs/flux-dev"
-    functions = [n.name for n in ast.walk(ast.parse(Path(model_functions.__file__).read_text()))
+    functions = [n.name for n in ast.walk(ast.parse(Path(registry.__file__).read_text()))
                  if isinstance(n, ast.FunctionDef)]
     assert not [f for f in functions if any(m.replace("-", "_") in f for m in MODELS)]

@@ -1,4 +1,4 @@
-"""The account limits shared on Redis (shared_limits.py), on a real redis-server.
+"""The account limits shared on Redis (gateway/engine/shared_limits.py), on a real redis-server.
 
 Every `RedisAccountLimits` here gets its own client (its own connections), as separate
 gunicorn workers or replicas would.
@@ -13,15 +13,13 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 import redis
 from redis.crc import key_slot
-from redis_fixture import RedisServer
 
-from concurrency_manager import RateWindow
-from shared_limits import (
+from gateway.engine.limits import RateWindow
+from gateway.engine.shared_limits import (
     DEFAULT_TIMEOUT,
     AdmissionTimeout,
     DeadlineTooSoon,
@@ -31,7 +29,9 @@ from shared_limits import (
     connect,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
+from helpers import ROOT, wait_for
+from redis_fixture import RedisServer
+
 ACCOUNT = "5d41402abc4b2a76b9719d911017c592"  # what the gateway passes: a digest of the token
 PREFIX = "gw-test"
 PASSWORD = "s3cret-redis-pw-7781"
@@ -63,13 +63,6 @@ def make_limits(redis_url: str, account: str):
 def redis_now(client: redis.Redis) -> float:
     seconds, micros = client.time()
     return seconds + micros / 1e6
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.02)
 
 
 class Background(threading.Thread):
@@ -146,7 +139,7 @@ def test_never_more_holders_than_the_limit_while_slots_cycle(make_limits):
 
 
 def test_a_crashed_workers_leases_expire_and_their_slots_return(make_limits, redis_url, account):
-    code = ("import sys, time, shared_limits as s\n"
+    code = ("import sys, time; import gateway.engine.shared_limits as s\n"
             "limits = s.RedisAccountLimits(s.connect(sys.argv[1]), sys.argv[2], sys.argv[3],"
             " lease_seconds=1, concurrent_limit=2)\n"
             "limits.acquire('crashed-1', None, 5)\nlimits.acquire('crashed-2', None, 5)\n"
@@ -199,7 +192,7 @@ def test_release_wakes_a_waiter_at_once(make_limits):
     holder_side.acquire("first", None, 0)
     admitted_at: list[float] = []
     waiter = Background(lambda: (waiter_side.acquire("second", None, 30), admitted_at.append(time.monotonic())))
-    wait_for(lambda: holder_side.status()["queued"] == 1)
+    wait_for(lambda: holder_side.status()["queued"] == 1, seconds=10)
     released_at = time.monotonic()
     holder_side.release("first")
     waiter.outcome(30)
@@ -233,7 +226,7 @@ def test_admission_is_first_come_first_served_across_instances(make_limits, free
             limits.release(name)
 
         threads.append(Background(wait_then_release))
-        wait_for(lambda i=i: a.status()["queued"] == i + 1)
+        wait_for(lambda i=i: a.status()["queued"] == i + 1, seconds=10)
     if freed_by == "release":
         a.release("blocker")
     for thread in threads:
@@ -246,7 +239,7 @@ def test_a_new_arrival_does_not_pass_a_waiter(make_limits):
     b = make_limits(concurrent_limit=1, lease_seconds=1, **SLOW_POLL)
     a.acquire("crashed", None, 0)  # never released: lapses after 1 s, with no wake-up
     waiter = Background(lambda: b.acquire("waiter", None, 30))
-    wait_for(lambda: a.status()["queued"] == 1)
+    wait_for(lambda: a.status()["queued"] == 1, seconds=10)
     time.sleep(1.3)  # the slot is free now, but the waiter sleeps in its (8 s) poll
     with pytest.raises(AdmissionTimeout):
         a.acquire("late-comer", None, 0)
@@ -371,7 +364,7 @@ def test_configure_on_one_instance_changes_what_another_admits(make_limits):
     waiters = []
     for i in range(2):
         waiters.append(Background(lambda i=i: b.acquire(f"w{i}", None, 30)))
-        wait_for(lambda i=i: a.status()["queued"] == i + 1)
+        wait_for(lambda i=i: a.status()["queued"] == i + 1, seconds=10)
     a.configure(concurrent_limit=3)  # both waiters go at once, not at their 8 s poll
     for waiter in waiters:
         waiter.outcome(4.0)
@@ -448,7 +441,7 @@ def _assert_unavailable(call: Callable[[], object], within: float) -> None:
 
 
 def test_importing_starts_no_thread():
-    code = "import threading, shared_limits; print(threading.active_count())"
+    code = "import threading, gateway.engine.shared_limits; print(threading.active_count())"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
                          check=False)
     assert out.stdout.strip() == "1", out.stderr

@@ -11,7 +11,6 @@ import collections
 import contextlib
 import dataclasses
 import functools
-import hashlib
 import itertools
 import json
 import ssl
@@ -25,6 +24,8 @@ import httpx
 import pydantic
 import pydantic.v1
 import replicate
+
+from gateway.accounts import account_key
 
 FINAL_STATUSES = ("succeeded", "failed", "canceled", "aborted")
 UNPARSEABLE = (pydantic.ValidationError, pydantic.v1.ValidationError)
@@ -40,7 +41,7 @@ class UpstreamError(Exception):
         self.retry_after, self.invalid_fields = retry_after, invalid_fields
 
     @classmethod
-    def from_response(cls, response: httpx.Response) -> "UpstreamError":
+    def from_response(cls, response: httpx.Response) -> UpstreamError:
         try:
             body = json.loads(response.content or b"{}")
         except ValueError:
@@ -104,7 +105,7 @@ class PredictionState:
         return self.status in FINAL_STATUSES
 
     @classmethod
-    def from_json(cls, prediction: dict[str, Any]) -> "PredictionState":
+    def from_json(cls, prediction: dict[str, Any]) -> PredictionState:
         """From a prediction as the API answers it (a JSON object)."""
         return cls(str(prediction.get("id")), str(prediction.get("status")),
                    prediction.get("output"), prediction.get("error"))
@@ -144,7 +145,8 @@ class UpstreamSession:
     """
 
     def __init__(self, token: str, base_url: str, keepalive: int, pool_timeout: float) -> None:
-        self._token, self._base_url, self._pool_timeout = token, base_url, pool_timeout
+        self._token, self._base_url = token, base_url
+        self.timeout = httpx.Timeout(10.0, connect=5.0, read=30.0, write=30.0, pool=pool_timeout)
         self._keepalive = min(keepalive, SHARD_SIZE)
         self._shards: list[tuple | None] = [None] * max(1, -(-keepalive // SHARD_SIZE))
         self._shards_lock = threading.Lock()
@@ -165,20 +167,18 @@ class UpstreamSession:
     def built_shards(self) -> int:
         return sum(shard is not None for shard in self._shards)
 
-    @staticmethod
-    def _build(token: str, base_url: str, keepalive: int, pool_timeout: float) -> tuple:
+    def _build(self) -> tuple:
         # No cap on connections: the slot pool already bounds how many run at once, and a
         # cap below it would turn a raised concurrency limit into pool timeouts.
         transport = ErrorTransport(httpx.HTTPTransport(verify=_ssl_context(), limits=httpx.Limits(
-            max_connections=None, max_keepalive_connections=keepalive)))
-        client = replicate.Client(
-            api_token=token, base_url=base_url,
-            timeout=httpx.Timeout(10.0, connect=5.0, read=30.0, write=30.0, pool=pool_timeout),
-            transport=transport)
+            max_connections=None, max_keepalive_connections=self._keepalive)))
+        client = replicate.Client(api_token=self._token, base_url=self._base_url, timeout=self.timeout,
+                                  transport=transport)
         return client, transport
 
     @property
-    def _client(self) -> replicate.Client:
+    def client(self) -> replicate.Client:
+        """This thread's client (built on first use)."""
         return self._shard()[0]
 
     @property
@@ -196,8 +196,7 @@ class UpstreamSession:
                     raise RuntimeError("this upstream session was closed")
                 shard = self._shards[index]
                 if shard is None:
-                    shard = self._shards[index] = self._build(
-                        self._token, self._base_url, self._keepalive, self._pool_timeout)
+                    shard = self._shards[index] = self._build()
         return shard
 
     def _call(self, method, *args: Any, **kwargs: Any) -> PredictionState:
@@ -209,21 +208,23 @@ class UpstreamSession:
 
     def create(self, model: str, data: dict[str, Any], wait: int) -> PredictionState:
         """Create a prediction; with wait > 0 the upstream holds the answer up to `wait` s."""
-        return self._call(self._client.models.predictions.create, model=model, input=data,
+        return self._call(self.client.models.predictions.create, model=model, input=data,
                           wait=wait if wait > 0 else False)
 
     def get(self, prediction_id: str) -> PredictionState:
-        return self._call(self._client.predictions.get, prediction_id)
+        return self._call(self.client.predictions.get, prediction_id)
 
     def cancel(self, prediction_id: str) -> PredictionState:
-        return self._call(self._client.predictions.cancel, prediction_id)
+        return self._call(self.client.predictions.cancel, prediction_id)
 
     def recent_since(self, since: float, max_pages: int = 100) -> list[dict[str, Any]]:
         """The account's predictions created after `since` (wall time), newest first, read
         from `GET /v1/predictions` page by page."""
         found, cursor = [], "/v1/predictions"
         for _ in range(max_pages):
-            page = self._client._request("GET", cursor).json()
+            # The public `predictions.list` parses each prediction into the client's model,
+            # which rejects `aborted`; the client's request method reads the raw page.
+            page = self.client._request("GET", cursor).json()
             for prediction in page.get("results") or []:
                 if _created_at(prediction) < since:
                     return found
@@ -240,12 +241,9 @@ class UpstreamSession:
             built = [shard for shard in self._shards if shard is not None]
             self._shards = [None] * len(self._shards)
         for client, _ in built:
-            client._client.close()  # closes the transport chain down to the sockets
-
-
-def account_key(token: str) -> str:
-    """What identifies an account internally: a hash, so the token itself is not spread."""
-    return hashlib.sha256(token.encode()).hexdigest()
+            # replicate.Client has no public close; its httpx client closes the transport
+            # chain down to the sockets.
+            client._client.close()
 
 
 class TokenTracker(Protocol):

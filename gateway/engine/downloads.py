@@ -6,13 +6,13 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import requests
 from requests.adapters import HTTPAdapter
 
-from files import PART_PREFIX
+from gateway.engine.files import PART_PREFIX
 
 log = logging.getLogger(__name__)
 CHUNK = 64 * 1024

@@ -1,4 +1,9 @@
-"""One error type, answered as `{"error": "..."}` JSON in one place."""
+"""One error type, answered as `{"error": "..."}` JSON in one place.
+
+    ServiceError            an answer for the client: status, message, extra fields, headers
+    werkzeug HTTPException  404/405/413/415 from routing and body limits, answered the same way
+    anything else           logged with its traceback (secrets redacted), answered a fixed 500
+"""
 from __future__ import annotations
 
 import logging
@@ -13,10 +18,11 @@ log = logging.getLogger(__name__)
 class ServiceError(Exception):
     """An error a client should see: an HTTP status, a message, and optional extra fields."""
 
-    def __init__(self, status: int, message: str, **extra: Any) -> None:
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None, **extra: Any) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = headers or {}
         self.extra = extra
 
     def body(self) -> dict[str, Any]:
@@ -26,7 +32,7 @@ class ServiceError(Exception):
 def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(ServiceError)
     def service_error(error: ServiceError):
-        return jsonify(error.body()), error.status
+        return jsonify(error.body()), error.status, error.headers
 
     @app.errorhandler(HTTPException)
     def http_error(error: HTTPException):

@@ -14,12 +14,12 @@ import logging
 import socket
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 from urllib.parse import urlparse
 
 import requests
 
-from errors import ServiceError
+from gateway.errors import ServiceError
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +80,10 @@ class WebhookSender:
             try:
                 check_target(url, self._allow_private)
                 timestamp = str(int(time.time()))
+                signature = sign(self._secret, message_id, timestamp, body)
                 response = self._http.post(url, data=body, timeout=(5, 10), allow_redirects=False, headers={
                     "Content-Type": "application/json", "webhook-id": message_id,
-                    "webhook-timestamp": timestamp, "webhook-signature": sign(self._secret, message_id, timestamp, body)})
+                    "webhook-timestamp": timestamp, "webhook-signature": signature})
                 if 200 <= response.status_code < 300:
                     self._on_delivered(job_id)
                     return

@@ -486,7 +486,7 @@ class RedisAccountLimits:
         values = [_text(v) for v in self._run("status")]
         names = ("slots_in_use", "queued", "creates_in_window", "concurrent_limit",
                  "requests_per_minute", "effective_limit")
-        result: dict[str, int | float] = {name: int(v) for name, v in zip(names, values)}
+        result: dict[str, int | float] = {name: int(v) for name, v in zip(names, values[:6], strict=True)}
         result["paused_for"] = float(values[6])
         return result
 

@@ -17,7 +17,7 @@ import math
 import re
 from typing import Any
 
-from errors import ServiceError
+from gateway.errors import ServiceError
 
 MAX_DEPTH = 32
 MAX_DIGITS = 308  # the largest whole number a double can hold has 309 digits

@@ -7,11 +7,16 @@ token; the token itself is never written.
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 import time
+from collections.abc import Iterable
+from enum import StrEnum
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
+
+log = logging.getLogger(__name__)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -47,7 +52,18 @@ CREATE TABLE IF NOT EXISTS items (
     PRIMARY KEY (job_id, idx)
 );
 """
-FINAL_ITEM = ("succeeded", "failed", "canceled")
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    PARTIAL = "partial"      # some items failed or were canceled, some succeeded
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+
+UNFINISHED_JOB = (JobStatus.QUEUED, JobStatus.RUNNING)
 
 
 class Journal:
@@ -60,6 +76,7 @@ class Journal:
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
         self._lock = threading.Lock()
+        self._closed = False
         with self._lock:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across a process kill
@@ -67,6 +84,9 @@ class Journal:
 
     def _run(self, sql: str, args: Iterable[Any] = ()) -> list[sqlite3.Row]:
         with self._lock:
+            if self._closed:  # stopping: work still winding down writes nothing any more
+                log.debug("journal closed; not run: %s", sql.split(" ", 1)[0])
+                return []
             return self._db.execute(sql, tuple(args)).fetchall()
 
     def add_job(self, job: dict[str, Any], items: list[tuple[int, str, str]]) -> None:
@@ -141,5 +161,7 @@ class Journal:
                   f"WHERE job_id = ? AND idx IN ({marks})", [job_id, *indexes])
 
     def close(self) -> None:
+        """Close the database; later calls do nothing (the next process resumes from here)."""
         with self._lock:
+            self._closed = True
             self._db.close()

@@ -1,35 +1,48 @@
-"""The generation service of one app: lanes, upstream sessions, downloader, and `run`, which
-takes a request's prompts through the pipeline and waits for them up to the request's
-deadline."""
+"""The generation service of one app: lanes (limits per account), upstream sessions and the
+output saver. `start` queues a request's items in its account's lane, `wait` waits for them
+up to the request's deadline, `cancel` stops them wherever they are."""
 from __future__ import annotations
 
 import functools
 import logging
-import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
 
-from auth import Caller
-from concurrency_manager import LaneManager
-from downloads import Downloader, new_session
-from files import new_request_folder, remove_partials
-from generation import GenerationItem, Pipeline
-from model_functions import ModelSpec
-from settings import Settings
-from upstream import SessionCache, TokenTracker
+from gateway.accounts import Caller
+from gateway.config import Settings
+from gateway.engine.downloads import Downloader, new_session
+from gateway.engine.files import new_request_folder, remove_partials
+from gateway.engine.items import GenerationItem, ItemListener
+from gateway.engine.limits import LaneManager
+from gateway.engine.models import ModelSpec
+from gateway.engine.outputs import OutputSaver
+from gateway.engine.pipeline import Pipeline
+from gateway.engine.upstream import SessionCache, TokenTracker
 
 log = logging.getLogger(__name__)
 READ_BUDGET_SHARE = 0.9  # leave a tenth of the read budget for clock skew and other calls
-# Each create window is stretched by this margin: a create is counted upstream when it
-# arrives, which can be later than when it was booked here (a new connection, a busy core).
+
+
+class _Unfinished(ItemListener):
+    """The service's own list of unfinished items and the pipeline that runs each."""
+
+    def __init__(self) -> None:
+        self.items: dict[GenerationItem, Pipeline] = {}
+        self.lock = threading.Lock()
+
+    def done(self, item: GenerationItem) -> None:
+        with self.lock:
+            self.items.pop(item, None)
 
 
 class GenerationService:
     def __init__(self, settings: Settings, clock: Callable[[], float] = time.monotonic,
                  tracker: TokenTracker | None = None) -> None:
         self.settings, self.clock = settings, clock
+        # Each create window is stretched by a margin: a create is counted upstream when it
+        # arrives, which can be later than when it was booked here (a new connection, a busy core).
         self.lanes = LaneManager(settings.concurrent_limit, settings.requests_per_minute,
                                  max(1, int(settings.reads_per_minute * READ_BUDGET_SHARE)),
                                  window=settings.rate_window, clock=clock,
@@ -37,46 +50,47 @@ class GenerationService:
         self.sessions = SessionCache(settings.base_url, keepalive=settings.concurrent_limit,
                                      pool_timeout=settings.pool_timeout, capacity=settings.session_cache_size,
                                      idle_seconds=settings.session_idle_seconds, tracker=tracker)
-        self.downloader = Downloader(new_session(settings.concurrent_limit),
-                                     settings.max_download_bytes, settings.download_attempts,
-                                     clock=clock)
-        self._active: dict[GenerationItem, Pipeline] = {}  # unfinished items, and what runs them
-        self._active_lock = threading.Lock()
+        self.saver = OutputSaver(Downloader(new_session(settings.concurrent_limit),
+                                            settings.max_download_bytes, settings.download_attempts,
+                                            clock=clock))
+        self._unfinished = _Unfinished()
         Path(settings.output_dir).mkdir(parents=True, exist_ok=True)
-        removed = remove_partials(settings.output_dir)
+
+    def remove_partials(self) -> None:
+        """Delete temporary downloads a crashed process left (at start, before any work)."""
+        removed = remove_partials(self.settings.output_dir)
         if removed:
             log.info("removed %d partial download(s) left by an earlier run", removed)
 
-    def new_folder(self) -> tuple[Path, str]:
-        """A fresh output folder for one request or job, and how responses show it."""
-        folder = new_request_folder(self.settings.output_dir)
-        return folder, os.path.join(self.settings.output_dir, folder.name)
+    def new_folder(self) -> Path:
+        """A fresh output folder for one request or job (created on first write)."""
+        return new_request_folder(self.settings.output_dir)
 
     def start(self, caller: Caller, spec: ModelSpec, items: list[GenerationItem]) -> None:
         """Queue every item in the caller's lane; they run at once up to the limits."""
         lane = self.lanes.lane(caller.account)
         session = self.sessions.acquire(caller.token, uses=len(items))  # one use per item's job
-        pipeline = Pipeline(spec, lane, session, self.downloader,
+        pipeline = Pipeline(spec, lane, session, self.saver,
                             self.settings.generation_timeout, self.settings.prefer_wait,
                             self.settings.create_attempts, self.settings.throttle_retries, self.clock)
-        with self._active_lock:
-            self._active.update(dict.fromkeys(items, pipeline))
+        with self._unfinished.lock:
+            self._unfinished.items.update(dict.fromkeys(items, pipeline))
         for item in items:
-            item.done_callbacks.append(self._forget)
+            item.listeners.append(self._unfinished)
             lane.submit(self.sessions.releasing(session, functools.partial(pipeline.run, item)))
 
-    def _forget(self, item: GenerationItem) -> None:
-        with self._active_lock:
-            self._active.pop(item, None)
-
-    def cancel(self, items: list[GenerationItem]) -> None:
+    def cancel(self, items: list[GenerationItem], stopping: str | None = None) -> None:
         """Cancel items wherever they are: queued ones never start, running ones are canceled
         upstream by their workers, and those whose create is still held open are found and
-        canceled upstream from here (in the background: it takes a read of the list)."""
-        with self._active_lock:
-            pipelines = {item: self._active.get(item) for item in items}
+        canceled upstream from here (in the background: it takes a read of the list).
+        With `stopping` (a reason), they fail with a 503 instead: the service is stopping."""
+        with self._unfinished.lock:
+            pipelines = {item: self._unfinished.items.get(item) for item in items}
         for item in items:
-            item.cancel()
+            if stopping:
+                item.abandon(stopping, 503)
+            else:
+                item.cancel()
         # Read `create_held` only after `cancelled` is set: a worker sets `create_held` before
         # it checks `cancelled` and sends, so no create slips between the two unseen.
         by_pipeline: dict[int, tuple[Pipeline, list[GenerationItem]]] = {}
@@ -102,12 +116,18 @@ class GenerationService:
     def status(self) -> dict[str, int]:
         return self.lanes.status()
 
+    def configure_limits(self, concurrent_limit: int | None, requests_per_minute: int | None) -> None:
+        """Change the limits of every account at run time (see LaneManager.configure)."""
+        self.lanes.configure(concurrent_limit, requests_per_minute)
+
     def shutdown(self) -> None:
-        """Stop: unfinished items are told to stop (their workers cancel upstream)."""
-        with self._active_lock:
-            for item in self._active:
+        """Stop: unfinished items are told to stop (their workers cancel upstream), then the
+        threads and the upstream clients are let go."""
+        with self._unfinished.lock:
+            for item in self._unfinished.items:
                 item.cancelled.set()
         self.lanes.shutdown()
+        self.sessions.close()
 
 
 def _remove_if_empty(folder: Path) -> None:

@@ -10,9 +10,10 @@ already claimed by another item. This is the one place that matching is done.
 from __future__ import annotations
 
 import json
-from typing import Any, Hashable, Iterable, Protocol
+from collections.abc import Hashable, Iterable
+from typing import Any, Protocol
 
-from upstream import PredictionState
+from gateway.engine.upstream import PredictionState
 
 # The upstream stamps `created_at` with its own clock; ours may be behind or ahead of it.
 # Looking this much further back than the moment the create was sent absorbs that skew

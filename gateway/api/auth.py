@@ -9,14 +9,16 @@
 """
 from __future__ import annotations
 
-import dataclasses
 import hmac
 import re
-from typing import Mapping
+from collections.abc import Mapping
 
-from errors import ServiceError
-from settings import Settings
-from upstream import account_key
+from flask import request
+
+from gateway.accounts import Caller
+from gateway.config import Settings
+from gateway.errors import ServiceError
+from gateway.state import gateway_state
 
 NO_KEY = "No valid API key provided. Either provide X-Admin-API-Key or X-Replicate-API-Key header"
 BAD_ADMIN = "Invalid admin API key"
@@ -43,16 +45,6 @@ def check_token(value: str, header: str, status: int, longest: int = MAX_TOKEN) 
         raise ServiceError(status, f"Invalid {header} header: {problem}; allowed: 1 to {longest} printable "
                            "ASCII characters without spaces", field=header)
     return value
-
-
-@dataclasses.dataclass(frozen=True)
-class Caller:
-    token: str = dataclasses.field(repr=False)
-    is_admin: bool
-
-    @property
-    def account(self) -> str:
-        return account_key(self.token)
 
 
 def is_admin_key(presented: str | None, settings: Settings) -> bool:
@@ -82,3 +74,14 @@ def require_admin(headers: Mapping[str, str], settings: Settings) -> None:
         raise ServiceError(401, "This endpoint needs the X-Admin-API-Key header")
     if not is_admin_key(check_token(presented, "X-Admin-API-Key", 401), settings):
         raise ServiceError(401, BAD_ADMIN)
+
+
+def current_caller() -> Caller:
+    """The authenticated caller; resumes their unfinished jobs, now that the token is here.
+
+    The caller's token is not added to the log redactor here (that set grew with every token
+    ever sent): the session cache tracks the tokens it holds (see redaction.py)."""
+    state = gateway_state()
+    caller = authenticate(request.headers, state.settings)
+    state.jobs.adopt(caller)
+    return caller

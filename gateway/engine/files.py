@@ -14,10 +14,11 @@ import re
 import secrets
 import time
 import unicodedata
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-from errors import ServiceError
+from gateway.errors import ServiceError
 
 MAX_NAME = 128
 NAME_MAX_BYTES = 255  # NAME_MAX of Linux filesystems: a file name's length in bytes

@@ -1,0 +1,1 @@
+"""Generation: limits per account, the per-prediction pipeline, the upstream client, files."""

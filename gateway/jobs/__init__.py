@@ -1,0 +1,1 @@
+"""Durable jobs: the journal, the job manager and its read side, webhooks."""
