@@ -24,7 +24,9 @@ USER appuser
 EXPOSE 5003
 VOLUME ["/app/output"]
 
+# Healthy = ready for traffic (/ready: output volume and journal writable, Redis answering,
+# start-up recovery done): its 503 makes the check fail.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=15s --retries=3 \
-    CMD python -c "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('FLASK_PORT', '5003'), timeout=4)" || exit 1
+    CMD python -c "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/ready' % os.environ.get('FLASK_PORT', '5003'), timeout=4)" || exit 1
 
 CMD ["gunicorn", "-c", "gunicorn.conf.py", "app:app"]

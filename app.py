@@ -14,6 +14,7 @@ from flask import Flask
 
 from gateway.app import create_app, start, stop
 from gateway.config import ConfigError
+from gateway.logs import configure as configure_logging
 
 __all__ = ["create_app", "start", "stop"]
 
@@ -37,9 +38,10 @@ def __getattr__(name: str) -> Flask:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()  # text until the settings are read (a bad one is reported here)
     application = build_or_exit()
+    settings = application.extensions["gateway"].settings
+    configure_logging(settings.log_level, settings.log_format)
     start(application)
     atexit.register(stop, application)
-    settings = application.extensions["gateway"].settings
     application.run(host=settings.host, port=settings.port, threaded=True)

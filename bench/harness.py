@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
 import socket
 import subprocess
 import sys
@@ -112,3 +113,63 @@ class Usage:
 
     def peak_rss_mb(self) -> float:
         return self.status("VmHWM") / 1024
+
+
+class RedisProc:
+    """A redis-server on a free loopback port, without persistence, in `workdir` (the shared
+    limits' store of the multi-instance workload)."""
+
+    def __init__(self, workdir: Path) -> None:
+        import redis  # only this workload needs it
+
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not installed (apt-get install -y redis-server)")
+        port = free_port()
+        self.url = f"redis://127.0.0.1:{port}/0"
+        self._log = open(workdir / "redis.log", "w")
+        self.proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                      "--appendonly", "no", "--dir", str(workdir)],
+                                     stdout=self._log, stderr=subprocess.STDOUT)
+        client = redis.Redis.from_url(self.url, socket_timeout=1, socket_connect_timeout=1)
+        end = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.exceptions.RedisError:
+                if self.proc.poll() is not None or time.monotonic() > end:
+                    raise RuntimeError("redis-server did not answer") from None
+                time.sleep(0.05)
+        client.close()
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+        self._log.close()
+
+
+def worker_pids(master: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(master)], capture_output=True, text=True).stdout
+    return [int(pid) for pid in out.split()]
+
+
+class UsageGroup:
+    """Several processes read as one: CPU summed, peak RSS and threads of the largest."""
+
+    def __init__(self, pids: list[int]) -> None:
+        self.members = [Usage(pid) for pid in pids]
+
+    @property
+    def peak_threads(self) -> int:
+        return max(member.peak_threads for member in self.members)
+
+    def cpu_seconds(self) -> float:
+        return sum(member.cpu_seconds() for member in self.members)
+
+    def sample(self) -> None:
+        for member in self.members:
+            member.sample()
+
+    def peak_rss_mb(self) -> float:
+        return max(member.peak_rss_mb() for member in self.members)

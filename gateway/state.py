@@ -6,9 +6,13 @@ import dataclasses
 from flask import Flask, current_app
 
 from gateway.config import Settings
+from gateway.engine.registry import ModelCatalog
 from gateway.engine.service import GenerationService
 from gateway.jobs.manager import JobManager
+from gateway.metrics import Metrics
+from gateway.readiness import Readiness
 from gateway.redaction import Redactor
+from gateway.signing import FileSigner
 from gateway.sync_gate import SyncRequestGate
 
 EXTENSION = "gateway"
@@ -21,6 +25,10 @@ class GatewayState:
     service: GenerationService
     jobs: JobManager
     sync_gate: SyncRequestGate
+    signer: FileSigner              # signed /files/... links
+    models: ModelCatalog            # which model a request names, and its schema
+    metrics: Metrics = dataclasses.field(default_factory=Metrics)        # GET /metrics
+    readiness: Readiness = dataclasses.field(default_factory=Readiness)  # GET /ready
 
 
 def gateway_state(app: Flask | None = None) -> GatewayState:

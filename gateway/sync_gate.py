@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from gateway.errors import ServiceError
 
@@ -18,8 +18,11 @@ class SyncRequestGate:
     Past the bound a request is refused at once (503 with Retry-After) rather than queued.
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, admission_check: Callable[[], None] | None = None) -> None:
         self.limit = limit
+        # Raises ServiceError when no new work could start now (shared limits' Redis away):
+        # a synchronous caller is answered at once instead of waiting out its timeout.
+        self._admission_check = admission_check
         self._held = 0
         self._lock = threading.Lock()
 
@@ -29,7 +32,10 @@ class SyncRequestGate:
 
     @contextlib.contextmanager
     def hold(self) -> Iterator[None]:
-        """Hold one place for the body of the `with`; ServiceError 503 if none is free."""
+        """Hold one place for the body of the `with`; ServiceError 503 if none is free (or
+        the admission check refuses)."""
+        if self._admission_check is not None:
+            self._admission_check()
         with self._lock:
             if self._held >= self.limit:
                 raise ServiceError(503, f"Too many synchronous requests in progress ({self.limit}, "

@@ -16,6 +16,7 @@ from replicate_emulator import EmulatorServer
 from replicate_emulator.control_client import EmulatorControl
 
 from helpers import ADMIN_KEY, SERVER_TOKEN
+from postgres_fixture import own_postgres_server, postgres_server, postgres_url  # noqa: F401  (fixtures)
 from redis_fixture import redis_server, redis_url  # noqa: F401  (fixtures)
 
 logging.getLogger("werkzeug").setLevel(logging.WARNING)

@@ -105,7 +105,8 @@ def test_full_replicate_names_accepted(service):
 def test_auth_errors(service):
     r = service.post("/generate", {"model_name": "flux-dev", "prompt": "x"})
     assert r.status_code == 401 and r.json() == {
-        "error": "No valid API key provided. Either provide X-Admin-API-Key or X-Replicate-API-Key header"}
+        "error": "No valid API key provided. Either provide X-Admin-API-Key or X-Replicate-API-Key header",
+        "request_id": r.headers["X-Request-ID"]}
     wrong = service.post("/generate", {"model_name": "flux-dev", "prompt": "x"},
                          {"X-Admin-API-Key": "wrong", "X-Replicate-API-Key": USER_TOKEN})
     assert wrong.status_code == 401
@@ -116,7 +117,7 @@ def test_unsupported_model(service):
     r = service.post("/generate", {"model_name": "invalid-model", "prompt": "x"}, ADMIN)
     assert r.status_code == 400 and r.json() == {
         "error": "Model 'invalid-model' not supported",
-        "supported_models": ["flux-dev", "flux-kontext-max", "qwen-image"]}
+        "supported_models": ["flux-dev", "flux-kontext-max", "qwen-image"], "request_id": r.headers["X-Request-ID"]}
 
 
 BAD_PARAMS = [

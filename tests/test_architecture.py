@@ -13,7 +13,8 @@ from helpers import ROOT
 # Lower layers never import higher ones. Within a layer, modules may import each other
 # (without cycles, checked below).
 LAYERS = [
-    ("gateway.config", "gateway.errors", "gateway.accounts", "gateway.redaction", "gateway.sync_gate"),
+    ("gateway.config", "gateway.errors", "gateway.accounts", "gateway.redaction", "gateway.sync_gate",
+     "gateway.signing", "gateway.metrics", "gateway.logs", "gateway.readiness"),
     ("gateway.engine",),
     ("gateway.jobs",),
     ("gateway.state",),

@@ -70,7 +70,8 @@ def test_control_plane_answers_while_sync_requests_exceed_the_threads(emulator_s
     refused = [r for r in answers if r.status_code == 503]
     assert len(answers) == 12 and len(refused) == 6, [r.status_code for r in answers]
     for r in refused:
-        assert r.json() == {"error": BUSY} and r.headers["Retry-After"].isdigit()
+        assert r.json() == {"error": BUSY, "request_id": r.headers["X-Request-ID"]}
+        assert r.headers["Retry-After"].isdigit()
     assert {r.status_code for r in answers if r not in refused} == {504}  # they ran to their timeout
     assert len(emu.predictions()) == 6  # a refused request cost nothing upstream
 

@@ -110,7 +110,7 @@ def test_dockerfile():
     assert user not in ("root", "0")
     assert any("useradd" in c.value[0] and user in c.value[0] for c in commands["RUN"])
     assert commands["CMD"][-1].value[:3] == ("gunicorn", "-c", "gunicorn.conf.py")
-    assert "/health" in commands["HEALTHCHECK"][0].value[1]
+    assert "/ready" in commands["HEALTHCHECK"][0].value[1]  # healthy means ready for traffic
     assert commands["VOLUME"][0].value == ("/app/output",) and commands["EXPOSE"][0].value == ("5003",)
     copied = {name.rstrip("/") for c in commands["COPY"] for name in c.value[:-1]}
     shipped = {p.relative_to(ROOT).parts[0] for p in SHIPPED if p.name != "serve.py"}
@@ -125,6 +125,11 @@ def test_compose_file():
     names = {entry.split("=")[0] for entry in service["environment"]}
     assert {"REPLICATE_API_TOKEN", "CONCURRENT_DOCKER_ADMIN_API_KEY", "FLASK_PORT"} <= names
     assert "r8_" not in (ROOT / "docker-compose.yml").read_text()
+    redis = compose["services"]["redis"]  # the shared limits' store, used by the gateway
+    assert redis["image"].startswith("redis:") and "redis-cli" in redis["healthcheck"]["test"]
+    assert any(v.endswith(":/data") and v.split(":")[0] in compose["volumes"] for v in redis["volumes"])
+    assert "REDIS_URL=${REDIS_URL:-redis://redis:6379/0}" in service["environment"]
+    assert service["depends_on"]["redis"]["condition"] == "service_healthy"
 
 
 @pytest.mark.parametrize("name", ["requirements.txt", "requirements-dev.txt"])

@@ -107,7 +107,8 @@ def test_unexpected_errors_leak_nothing(service, monkeypatch, caplog):
     monkeypatch.setattr(gateway_state(service.app).jobs, "run_sync", explode)
     with caplog.at_level(logging.ERROR):
         r = service.post("/generate", BODY, ADMIN)
-    assert r.status_code == 500 and r.json() == {"error": "Internal server error"}
+    assert r.status_code == 500
+    assert r.json() == {"error": "Internal server error", "request_id": r.headers["X-Request-ID"]}
     assert "internal detail" in caplog.text
     assert SERVER_TOKEN not in caplog.text and ADMIN_KEY not in caplog.text
 

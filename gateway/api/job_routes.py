@@ -82,4 +82,10 @@ def retry(job_id: str):
 
 @bp.get("/files/<path:relative>")
 def download(relative: str):
-    return send_file(_jobs().views.file_path(relative, current_caller()), conditional=True)
+    """With `expires` and `signature` (a signed link) no key is needed, and a link that does
+    not verify is a 403 whatever key comes with it; without them, the caller's key."""
+    views = _jobs().views
+    if "signature" in request.args or "expires" in request.args:
+        gateway_state().signer.verify(f"/files/{relative}", request.args.get("expires"), request.args.get("signature"))
+        return send_file(views.file_path(relative, None), conditional=True)
+    return send_file(views.file_path(relative, current_caller()), conditional=True)

@@ -11,11 +11,14 @@ from typing import Any
 
 from flask import request
 
+from gateway.accounts import Caller
+from gateway.api.auth import authenticate
 from gateway.api.body import parse_object
 from gateway.config import Settings
 from gateway.engine.files import check_names, default_stems
-from gateway.engine.models import ModelSpec, build_input, resolve_model
+from gateway.engine.models import ModelSpec, build_input, check_prompt
 from gateway.errors import ServiceError
+from gateway.state import gateway_state
 
 SINGLE_FIELDS = frozenset({"model_name", "prompt", "custom_filename"})
 BATCH_FIELDS = frozenset({"model_name", "prompts", "custom_filenames"})
@@ -36,21 +39,21 @@ def json_object() -> dict[str, Any]:
     return parse_object(request.get_data(cache=True))
 
 
-def parse_single(settings: Settings) -> GenerationRequest:
+def parse_single(settings: Settings, caller: Caller | None = None) -> GenerationRequest:
     """The body of `/generate`: one `prompt`, optionally a `custom_filename`."""
-    body, spec, params = _model_and_params(SINGLE_FIELDS)
+    body, spec, params = _model_and_params(SINGLE_FIELDS, settings, caller)
     return _single(body, spec, params, settings)
 
 
-def parse_batch(settings: Settings) -> GenerationRequest:
+def parse_batch(settings: Settings, caller: Caller | None = None) -> GenerationRequest:
     """The body of `/generate-batch`: `prompts`, optionally `custom_filenames`."""
-    body, spec, params = _model_and_params(BATCH_FIELDS)
+    body, spec, params = _model_and_params(BATCH_FIELDS, settings, caller)
     return _batch(body, spec, params, settings)
 
 
-def parse_job(settings: Settings) -> GenerationRequest:
+def parse_job(settings: Settings, caller: Caller | None = None) -> GenerationRequest:
     """The body of `/jobs`: either form above, plus an optional `webhook`."""
-    body, spec, params = _model_and_params(JOB_FIELDS)
+    body, spec, params = _model_and_params(JOB_FIELDS, settings, caller)
     if "prompts" not in body:
         return _single(body, spec, params, settings)
     if "prompt" in body or "custom_filename" in body:
@@ -59,28 +62,33 @@ def parse_job(settings: Settings) -> GenerationRequest:
     return _batch(body, spec, params, settings)
 
 
-def _model_and_params(request_fields: frozenset[str]) -> tuple[dict, ModelSpec, dict[str, Any]]:
+def _model_and_params(request_fields: frozenset[str], settings: Settings,
+                      caller: Caller | None) -> tuple[dict, ModelSpec, dict[str, Any]]:
+    """The model (any Replicate model: its schema may be read upstream, with the caller's
+    token) and its validated parameters."""
     body = json_object()
-    spec = resolve_model(body.get("model_name"))
+    who = caller or authenticate(request.headers, settings)
+    spec = gateway_state().models.resolve(body.get("model_name"), who)
     return body, spec, build_input(spec, _model_fields(body, spec, request_fields))
 
 
 def _model_fields(body: dict, spec: ModelSpec, request_fields: frozenset[str]) -> dict[str, Any]:
     """Refuse unknown fields (a typo must not be dropped); return the model parameters."""
-    allowed = request_fields | set(spec.params)
+    accepted = set(spec.accepted)
+    allowed = request_fields | accepted
     unknown = sorted(str(k) for k in body if k not in allowed)
     if unknown:
         raise ServiceError(400, f"Unknown field(s) {', '.join(repr(u[:60]) for u in unknown[:5])} "
                            f"for model '{spec.id}'; allowed: {', '.join(sorted(allowed))}",
                            allowed_fields=sorted(allowed))
-    return {k: v for k, v in body.items() if k in spec.params}
+    return {k: v for k, v in body.items() if k in accepted and k not in request_fields}
 
 
 def _single(body: dict, spec: ModelSpec, params: dict, settings: Settings) -> GenerationRequest:
-    prompt = _prompt(body.get("prompt"), "prompt", settings)
+    prompt = check_prompt(spec, "prompt", _prompt(body.get("prompt"), "prompt", settings))
     name = body.get("custom_filename")
     stems = (check_names([name], "custom_filename", _outputs_each(params)) if name is not None
-             else default_stems(spec.id, 1, batch=False))
+             else default_stems(spec.file_stem, 1, batch=False))
     return GenerationRequest(spec, params, [prompt], stems, body)
 
 
@@ -93,9 +101,11 @@ def _batch(body: dict, spec: ModelSpec, params: dict, settings: Settings) -> Gen
     if len(prompts) > limit:
         raise ServiceError(400, f"Too many prompts: {len(prompts)}; the limit is {limit} (MAX_BATCH_SIZE)",
                            field="prompts")
-    prompts = [_prompt(p, f"prompts[{i}]", settings) for i, p in enumerate(prompts)]
+    prompts = [check_prompt(spec, f"prompts[{i}]", _prompt(p, f"prompts[{i}]", settings))
+               for i, p in enumerate(prompts)]
     if names is None:
-        return GenerationRequest(spec, params, prompts, default_stems(spec.id, len(prompts), batch=True), body)
+        return GenerationRequest(spec, params, prompts, default_stems(spec.file_stem, len(prompts), batch=True),
+                                 body)
     if not isinstance(names, list) or len(names) != len(prompts):
         raise ServiceError(400, "Invalid value for 'custom_filenames': a list with one name per prompt "
                            f"is required ({len(prompts)} prompts)", field="custom_filenames")

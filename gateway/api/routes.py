@@ -20,9 +20,14 @@ LIMIT_FIELDS = {"concurrent_limit": 5000, "requests_per_minute": 100000}
 
 @bp.get("/health")
 def health():
-    return jsonify({"status": "healthy", "service": SERVICE_NAME,
-                    "supported_models": supported_models(),
-                    "concurrency_status": gateway_state().service.status()})
+    concurrency = gateway_state().service.status()
+    body = {"status": "healthy", "service": SERVICE_NAME, "supported_models": supported_models(),
+            "concurrency_status": concurrency}
+    shared = concurrency.get("shared")
+    # Still 200: the process is alive (liveness); /ready answers 503 while nothing new can start.
+    if shared is not None and shared["redis"] != "reachable":  # shared limits fail closed
+        body.update(status="degraded", redis="unreachable", error=shared["error"])
+    return jsonify(body)
 
 
 @bp.get("/status")
@@ -43,22 +48,47 @@ def status():
 
 @bp.get("/models")
 def models():
-    return jsonify({"supported_models": supported_models(), "models": describe_models()})
+    """The aliases, and every model with a schema at hand (nothing is read upstream)."""
+    catalog = gateway_state().models
+    return jsonify({"supported_models": catalog.names(), "models": describe_models(),
+                    "aliases": catalog.aliases(), "schemas": catalog.describe_known()})
+
+
+@bp.get("/models/<path:name>")
+def model(name: str):
+    """One model's parameters: `owner/name`, `owner/name:<version>` (or
+    `owner/name/versions/<version>`), `deployments/owner/name`, or an alias. A key is needed
+    only when the schema must be read upstream (it costs a read of the caller's account)."""
+    owner_name, marker, version = name.partition("/versions/")
+    reference = f"{owner_name}:{version}" if marker else name
+    return jsonify(gateway_state().models.describe(reference, current_caller))
 
 
 @bp.post("/generate")
 def generate():
     state = gateway_state()
     caller = current_caller()
-    wanted = parse_single(state.settings)
+    wanted = parse_single(state.settings, caller)
     with state.sync_gate.hold():
         job_id, [item] = state.jobs.run_sync(caller, wanted.spec, wanted.prompts, wanted.stems, wanted.params,
                                              state.settings.generation_timeout, "GENERATION_TIMEOUT")
     if item.error:
         raise _item_error(item)
-    return jsonify({"success": True, "model_name": wanted.spec.id, "files": item.files,
-                    "urls": download_urls(item.folder.name, item.files),
-                    "count": len(item.files), "prediction_id": item.prediction_id, "job_id": job_id})
+    urls = download_urls(item.folder.name, item.files)
+    return jsonify({"success": True, "model_name": wanted.spec.id, "files": item.files, "urls": urls,
+                    "signed_urls": _signed(urls), "count": len(item.files),
+                    "prediction_id": item.prediction_id, "job_id": job_id, **_data(item)})
+
+
+def _data(item: GenerationItem) -> dict[str, Any]:
+    """A model's non-file output (text, JSON), when it answered one."""
+    return {} if item.output is None else {"output": item.output}
+
+
+def _signed(urls: list[str]) -> list[str]:
+    """`urls` as links that download without a key (see gateway/signing.py)."""
+    state = gateway_state()
+    return state.signer.sign_all(urls, state.settings.public_base_url or "")
 
 
 def _item_error(item: GenerationItem) -> ServiceError:
@@ -70,7 +100,7 @@ def _item_error(item: GenerationItem) -> ServiceError:
 def generate_batch():
     state = gateway_state()
     caller = current_caller()
-    wanted = parse_batch(state.settings)
+    wanted = parse_batch(state.settings, caller)
     with state.sync_gate.hold():
         job_id, items = state.jobs.run_sync(caller, wanted.spec, wanted.prompts, wanted.stems, wanted.params,
                                             state.settings.batch_timeout, "BATCH_TIMEOUT")
@@ -83,7 +113,8 @@ def generate_batch():
         "successful_count": len(items) - len(failed), "failed_count": len(failed),
         "successful_results": [{"prompt_index": i.index, "prompt": i.prompt, "files": i.files,
                                 "urls": download_urls(i.folder.name, i.files),
-                                "prediction_id": i.prediction_id} for i in items if not i.error],
+                                "signed_urls": _signed(download_urls(i.folder.name, i.files)),
+                                "prediction_id": i.prediction_id, **_data(i)} for i in items if not i.error],
         "failed_results": [{"prompt_index": i.index, "prompt": i.prompt, "error": i.error,
                             "prediction_id": i.prediction_id} for i in failed],
     })

@@ -17,7 +17,14 @@ from gateway.engine.files import PART_PREFIX
 log = logging.getLogger(__name__)
 CHUNK = 64 * 1024
 PERMANENT = {400, 401, 403, 404, 410}
-SIGNATURES = [(b"\x89PNG\r\n\x1a\n", "png"), (b"\xff\xd8\xff", "jpg"), (b"GIF8", "gif")]
+# Magic numbers at the start of a file; RIFF and ISO media (mp4) containers are told apart
+# by what follows (see sniff_extension). Images, video, audio, 3D and archives: the kinds of
+# file the models teams run answer.
+SIGNATURES = [(b"\x89PNG\r\n\x1a\n", "png"), (b"\xff\xd8\xff", "jpg"), (b"GIF8", "gif"),
+              (b"glTF", "glb"), (b"PK\x03\x04", "zip"), (b"ID3", "mp3"), (b"OggS", "ogg"),
+              (b"fLaC", "flac"), (b"%PDF-", "pdf")]
+HEAD_BYTES = 64  # enough for every signature, a WebM DocType included
+MAX_SUFFIX = 5   # a URL suffix used as the extension: short and plain, or "bin"
 
 
 class DownloadError(Exception):
@@ -26,13 +33,23 @@ class DownloadError(Exception):
 
 def sniff_extension(head: bytes, url: str) -> str:
     """The file's real format from its first bytes; the URL's suffix only as a fallback."""
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "webp"
+    if head[:4] == b"RIFF":
+        riff = {b"WEBP": "webp", b"WAVE": "wav", b"AVI ": "avi"}.get(head[8:12])
+        if riff:
+            return riff
+    if head[4:8] == b"ftyp":  # ISO base media: the brand says which
+        brand = head[8:12]
+        return "mov" if brand == b"qt  " else "m4a" if brand in (b"M4A ", b"M4B ") else "mp4"
+    if head.startswith(b"\x1a\x45\xdf\xa3"):  # EBML: WebM or Matroska, by DocType
+        return "webm" if b"webm" in head else "mkv"
     for magic, ext in SIGNATURES:
         if head.startswith(magic):
             return ext
+    if len(head) > 1 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0 and head[1] & 0x06:  # an MPEG audio frame
+        return "mp3"
     suffix = os.path.splitext(url.split("?")[0])[1].lower().lstrip(".")
-    return {"jpeg": "jpg"}.get(suffix, suffix) or "bin"
+    suffix = {"jpeg": "jpg"}.get(suffix, suffix)
+    return suffix if suffix.isascii() and suffix.isalnum() and len(suffix) <= MAX_SUFFIX - 1 else "bin"
 
 
 def new_session(pool_size: int) -> requests.Session:
@@ -49,6 +66,11 @@ class Downloader:
                  sleep: Callable[[float], object] = time.sleep) -> None:
         self._session, self._max_bytes, self._attempts = session, max_bytes, attempts
         self._clock, self._sleep = clock, sleep
+
+    @property
+    def max_bytes(self) -> int:
+        """The cap of every output, whatever its kind (MAX_DOWNLOAD_BYTES)."""
+        return self._max_bytes
 
     def fetch(self, url: str, folder: Path, deadline: float) -> tuple[Path, str]:
         """Download `url` into a temporary file in `folder`; return (path, extension).
@@ -101,8 +123,8 @@ class Downloader:
             size += len(chunk)
             if size > self._max_bytes:
                 raise _Permanent(f"output file is larger than the {self._max_bytes}-byte cap")
-            if len(head) < 16:
-                head += chunk[:16]
+            if len(head) < HEAD_BYTES:
+                head += chunk[:HEAD_BYTES - len(head)]
             handle.write(chunk)
             if self._clock() > deadline:
                 raise _Permanent("download deadline passed")

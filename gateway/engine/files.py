@@ -23,9 +23,12 @@ from gateway.errors import ServiceError
 MAX_NAME = 128
 NAME_MAX_BYTES = 255  # NAME_MAX of Linux filesystems: a file name's length in bytes
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif")
-# The longest extension a saved file can get: an image's (".webp", ".jpeg") or its
+# Every extension an output can be saved with (the downloader sniffs the real one).
+OUTPUT_EXTENSIONS = (*IMAGE_EXTENSIONS, ".mp4", ".mov", ".m4a", ".webm", ".mkv", ".wav", ".avi", ".mp3",
+                     ".ogg", ".flac", ".glb", ".zip", ".pdf", ".bin")
+# The longest extension a saved file can get: an output's (".webp", ".flac") or its
 # provenance record (".json"). A name must fit NAME_MAX with any of them.
-LONGEST_EXTENSION = max(len(e) for e in (*IMAGE_EXTENSIONS, ".json"))
+LONGEST_EXTENSION = max(len(e) for e in (*OUTPUT_EXTENSIONS, ".json"))
 RESERVED = re.compile(r"^(con|prn|aux|nul|com[0-9]|lpt[0-9])(\..*)?$", re.IGNORECASE)
 ALLOWED_PUNCTUATION = "._- "
 NAME_RULE = ("letters, digits, '_', '-', '.' and spaces; at most 128 characters, and at most "
@@ -65,9 +68,9 @@ def _length_problem(stem: str, outputs_each: int) -> str | None:
 
 
 def stem_of(name: str) -> str:
-    """Drop an image extension the client wrote; the real one is added from the file itself."""
+    """Drop an output extension the client wrote; the real one is added from the file itself."""
     root, ext = os.path.splitext(name)
-    return root if ext.lower() in IMAGE_EXTENSIONS and root else name
+    return root if ext.lower() in OUTPUT_EXTENSIONS and root else name
 
 
 def check_names(names: Sequence[Any], field: str, outputs_each: int) -> list[str]:

@@ -8,6 +8,7 @@ with a prediction id), `done` (the item is final: answered to its client) and `s
 """
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import threading
 from enum import StrEnum
@@ -68,6 +69,7 @@ class GenerationItem:
     deadline_label: str                  # which setting set it
     timeout: float
     files: list[str] = dataclasses.field(default_factory=list)
+    output: Any = None                   # a non-file output (text, JSON), as the model answered it
     error: str | None = None
     status: int | None = None            # an upstream status worth passing on (401/402/422)
     invalid_fields: list | None = None
@@ -80,6 +82,8 @@ class GenerationItem:
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
     cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+    # the log context it was made in (the request's id, its job's): its worker runs in it
+    context: contextvars.Context = dataclasses.field(default_factory=contextvars.copy_context, repr=False)
 
     def fail(self, message: str, status: int | None = None, invalid_fields: list | None = None,
              state: ItemStatus = ItemStatus.FAILED) -> None:

@@ -10,6 +10,9 @@
 - `Lane` / `LaneManager`: a FIFO of queued jobs per token; a job gets a thread from the pool
   only once it holds a slot, so queued work costs no thread and the thread pool never limits
   concurrency below the configured slots.
+- `AccountLane` / `CreateBudget` / `ReadBudget`: the small interface the pipeline and the
+  service use, met by `Lane` here and by `gateway.engine.shared_lanes.SharedLane` (the same
+  limits held in Redis for every worker and replica, REDIS_URL).
 
 Every clock is injected (`clock=time.monotonic` by default) so tests are exact and instant.
 """
@@ -22,9 +25,15 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from gateway.engine.items import GenerationItem
 
 log = logging.getLogger(__name__)
 Clock = Callable[[], float]
+# A queued piece of work: called with a `release()` that frees its slot early.
+Job = Callable[[Callable[[], None]], None]
 
 # Threads are created only as slots are taken and reused afterwards; this ceiling exists
 # only so a runaway configuration cannot exhaust the process.
@@ -169,6 +178,31 @@ class Pacer:
             return start - now
 
 
+class CreateBudget(Protocol):
+    """An account's creates: `RateWindow` here, the Redis window in shared mode."""
+
+    def reserve(self, latest: float | None = None) -> float | None: ...
+    def throttled(self, retry_after: float | None) -> None: ...
+    def succeeded(self) -> None: ...
+    def in_window(self) -> int: ...
+
+
+class ReadBudget(Protocol):
+    """An account's other calls (polls, cancels, lists): `Pacer` here, shared in Redis mode."""
+
+    def reserve(self) -> float: ...
+
+
+class AccountLane(Protocol):
+    """What the service and the pipeline use of an account's lane, in either mode."""
+
+    creates: CreateBudget
+    reads: ReadBudget
+
+    def prediction(self) -> contextlib.AbstractContextManager[None]: ...
+    def submit(self, job: Job, item: GenerationItem | None = None) -> None: ...
+
+
 class Lane:
     """Queued jobs and limits of one upstream account."""
 
@@ -209,10 +243,11 @@ class Lane:
         nothing (a new one starts with a full budget, which is what the upstream has too)."""
         return self.idle and self._in_flight == 0 and self.creates.in_window() == 0
 
-    def submit(self, job: Callable[[Callable[[], None]], None]) -> None:
+    def submit(self, job: Job, item: GenerationItem | None = None) -> None:
         """Queue `job`; it runs on a pool thread once a slot is free. The job receives a
         `release()` that frees its slot early (idempotent); the slot is freed at the end
-        of the job in any case."""
+        of the job in any case. `item` (what the job runs) is for the shared lane, which
+        admits by the item's deadline; here every job simply waits its turn."""
         with self._lock:
             self._queue.append(job)
         self.pump()
@@ -225,7 +260,7 @@ class Lane:
                 job = self._queue.popleft()
             self._executor.submit(self._run, job)
 
-    def _run(self, job: Callable[[Callable[[], None]], None]) -> None:
+    def _run(self, job: Job) -> None:
         released = threading.Event()
         lock = threading.Lock()
 
@@ -300,6 +335,19 @@ class LaneManager:
             "creates_in_window": sum(lane.creates.in_window() for lane in lanes),
             "active_accounts": sum(1 for lane in lanes if not lane.idle),
         }
+
+    def readings(self) -> dict[str, dict[str, int]]:
+        """Per account key, what the metrics gauges show (gateway/metrics.py)."""
+        with self._lock:
+            lanes = dict(self._lanes)
+        return {key: {"in_flight": lane.in_flight, "queued": lane.queued, "slots_in_use": lane.slots.in_use,
+                      "creates_in_window": lane.creates.in_window()} for key, lane in lanes.items()}
+
+    def start(self) -> None:
+        """Nothing runs in the background here (the shared manager's counterpart)."""
+
+    def check_available(self) -> None:
+        """In-process limits are always there (the shared manager raises if Redis is not)."""
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -5,13 +5,23 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 from pathlib import Path
+from typing import Any
 
 from gateway.engine.downloads import Downloader, DownloadError
-from gateway.engine.files import PART_PREFIX, describe_data_uri, final_stems, place
+from gateway.engine.files import (
+    LONGEST_EXTENSION,
+    NAME_MAX_BYTES,
+    PART_PREFIX,
+    describe_data_uri,
+    final_stems,
+    place,
+)
 from gateway.engine.items import GenerationItem, ItemStatus
-from gateway.engine.models import ModelSpec, outputs_of
+from gateway.engine.models import ModelSpec, has_data, output_files
+from gateway.engine.observed import ItemObserver
 from gateway.engine.upstream import PredictionState
 
 
@@ -27,29 +37,38 @@ class OutputSaver:
     def __init__(self, downloader: Downloader) -> None:
         self._downloader = downloader
 
-    def save(self, item: GenerationItem, spec: ModelSpec, state: PredictionState, deadline: float) -> None:
-        """Download every output of a final prediction and place it; raise ItemFailed."""
+    def save(self, item: GenerationItem, spec: ModelSpec, state: PredictionState, deadline: float,
+             observer: ItemObserver | None = None) -> None:
+        """Download every file of a final prediction's output (one URL, a list, an object of
+        URLs) and place it; keep a non-file output (text, JSON) for the answer and the
+        provenance record. Raise ItemFailed."""
+        observer = observer or ItemObserver.unobserved()  # counts the downloads
         pid = state.id
         if state.status == "failed":
             raise ItemFailed(f"Generation failed: prediction {pid} failed: {state.error or 'no reason given'}")
         if state.status in ("canceled", "aborted"):
             raise ItemFailed(f"Generation failed: prediction {pid} was {state.status} upstream")
-        urls = outputs_of(spec, state.output)
-        if not urls:
+        files = output_files(state.output)
+        data = state.output if has_data(state.output) else None
+        if not files and data is None:
             raise ItemFailed(f"Generation failed: prediction {pid} succeeded with no output")
+        if data is not None and len(json.dumps(data, ensure_ascii=False).encode()) > self._downloader.max_bytes:
+            raise ItemFailed(f"Generation failed: prediction {pid}: its output is larger than the "
+                             f"{self._downloader.max_bytes}-byte cap (MAX_DOWNLOAD_BYTES)")
+        stems = output_stems(item.stem, [key for key, _ in files])
         temps: list[tuple[Path, str]] = []
         try:
-            for url in urls:
-                temps.append(self._downloader.fetch(url, item.folder, deadline))
+            for _, url in files:
+                temps.append(observer.download(self._downloader.fetch, url, item.folder, deadline))
         except DownloadError as exc:
             raise ItemFailed(f"Generation failed: prediction {pid}: {exc}") from None
         finally:
-            if len(temps) < len(urls):
+            if len(temps) < len(files):
                 _discard(temps)
-        self._place(item, spec, temps)
+        self._place(item, spec, temps, stems, data)
 
-    def _place(self, item: GenerationItem, spec: ModelSpec, temps: list[tuple[Path, str]]) -> None:
-        stems = final_stems(item.stem, len(temps))
+    def _place(self, item: GenerationItem, spec: ModelSpec, temps: list[tuple[Path, str]], stems: list[str],
+               data: Any) -> None:
         names = [f"{stem}.{ext}" for stem, (_, ext) in zip(stems, temps, strict=True)]
         item.timings["completed"] = time.time()
         digests = [_sha256(path) for path, _ in temps]
@@ -64,11 +83,34 @@ class OutputSaver:
                 item.state = ItemStatus.FAILED
             else:
                 for name, digest in zip(names, digests, strict=True):
-                    _write_provenance(item, spec, name, digest)
+                    _write_provenance(item, spec, name, digest, data)
+                if not names:  # text or JSON only: its record is the one file
+                    item.folder.mkdir(parents=True, exist_ok=True)
+                    _write_provenance(item, spec, f"{item.stem}.json", None, data)
                 item.files = [os.path.join(item.shown_folder, name) for name in names]
+                item.output = data
                 item.state = ItemStatus.SUCCEEDED
             item.done.set()
         item.notify_done()
+
+
+def output_stems(stem: str, keys: list[str | None]) -> list[str]:
+    """The file name (without extension) of each output file, index-matched: `name` for one
+    file, `name_1` ... `name_N` for a list, `name_<key>` for the files of an object output.
+    400-style checks ran on `name` before anything was created; a key is made safe here."""
+    if all(key is None for key in keys):
+        return final_stems(stem, len(keys))
+    stems = [f"{stem}_{_safe_key(key, index)}" for index, key in enumerate(keys, 1)]
+    too_long = [s for s in stems if len(s.encode("utf-8")) + LONGEST_EXTENSION > NAME_MAX_BYTES]
+    if too_long:
+        raise ItemFailed(f"Generation failed: the output name {too_long[0][:80]!r}... is longer than "
+                         f"{NAME_MAX_BYTES} bytes with its extension; choose a shorter custom name")
+    return stems
+
+
+def _safe_key(key: str | None, index: int) -> str:
+    cleaned = re.sub(r"[^A-Za-z0-9_-]", "_", key or "")[:64].strip("_")
+    return cleaned or str(index)
 
 
 def _link_all(folder: Path, temps: list[tuple[Path, str]], names: list[str]) -> None:
@@ -90,15 +132,19 @@ def _discard(temps: list[tuple[Path, str]]) -> None:
         path.unlink(missing_ok=True)
 
 
-def _write_provenance(item: GenerationItem, spec: ModelSpec, name: str, digest: str) -> None:
-    """`<name>.json` beside the image: what made it, when, and its SHA-256. A `data:` input
-    is recorded by its type, size and SHA-256, not copied into every record."""
+def _write_provenance(item: GenerationItem, spec: ModelSpec, name: str, digest: str | None, data: Any) -> None:
+    """`<name>.json` beside the file: what made it, when, and its SHA-256; a non-file output
+    (text, JSON) is recorded whole. A `data:` input is recorded by its type, size and
+    SHA-256, not copied into every record."""
     record = {
-        "file": name, "sha256": digest, "prompt": item.prompt, "model": spec.id,
-        "replicate_model": spec.replicate_name, "prediction_id": item.prediction_id,
+        "file": None if digest is None else name, "sha256": digest, "prompt": item.prompt, "model": spec.id,
+        "replicate_model": spec.replicate_name, "version": spec.run_target.version,
+        "prediction_id": item.prediction_id,
         "parameters": {k: describe_data_uri(v) for k, v in item.data.items() if k != "prompt"},
         "created_at": item.timings.get("created"), "completed_at": item.timings.get("completed"),
     }
+    if data is not None:
+        record["output"] = data
     target = item.folder / (os.path.splitext(name)[0] + ".json")
     # A short temporary name: `.part-` + a name already at NAME_MAX would be too long.
     temp = target.with_name(f"{PART_PREFIX}{hashlib.sha256(name.encode()).hexdigest()[:16]}.json")

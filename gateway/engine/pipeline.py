@@ -19,9 +19,10 @@ from collections.abc import Callable
 import httpx
 
 from gateway.engine.items import FAIL_FAST, GenerationItem
-from gateway.engine.limits import Lane
+from gateway.engine.limits import AccountLane
 from gateway.engine.lost_creates import find_lost_creates
 from gateway.engine.models import ModelSpec
+from gateway.engine.observed import ItemObserver
 from gateway.engine.outputs import ItemFailed, OutputSaver
 from gateway.engine.upstream import PredictionState, UpstreamError, UpstreamSession
 
@@ -33,7 +34,7 @@ HELD_CANCEL_ATTEMPTS, HELD_CANCEL_PAUSE = 4, 0.5
 @dataclasses.dataclass
 class Pipeline:
     spec: ModelSpec
-    lane: Lane
+    lane: AccountLane  # in-process or shared on Redis: the same interface
     session: UpstreamSession
     saver: OutputSaver
     generation_timeout: float
@@ -41,6 +42,7 @@ class Pipeline:
     create_attempts: int
     throttle_retries: int
     clock: Callable[[], float] = time.monotonic
+    observer: ItemObserver = dataclasses.field(default_factory=ItemObserver.unobserved)  # metrics
 
     def run(self, item: GenerationItem, release: Callable[[], None]) -> None:
         """The job a lane runs; `release` frees the item's slot once the prediction is final."""
@@ -51,9 +53,10 @@ class Pipeline:
                 with contextlib.ExitStack() as in_flight:  # counted from the create until final
                     state, deadline, label = self._start(item, in_flight)
                     state = self._until_final(item, state, deadline, label)
+                    self.observer.prediction_final(item, state)
             finally:
                 release()  # downloads do not hold a slot
-            self.saver.save(item, self.spec, state, deadline)
+            self.saver.save(item, self.spec, state, deadline, self.observer)
         except ItemFailed as failure:
             item.fail(failure.message, failure.status, failure.invalid_fields)
         except Exception:
@@ -96,6 +99,7 @@ class Pipeline:
                         throttled = isinstance(exc, UpstreamError) and exc.status == 429
                         throttles, failures = throttles + throttled, failures + (not throttled)
                         self._create_failed(item, exc, failures, throttles)
+                        self.observer.create_retried(throttled)
                         continue
                 in_flight.enter_context(attempt.pop_all())  # stays in flight until final
             self.lane.creates.succeeded()
@@ -114,7 +118,10 @@ class Pipeline:
             if item.cancelled.is_set():  # see GenerationService.cancel: checked after the flag is up
                 raise ItemFailed(item.error or "Generation canceled", item.status)
             wait = min(self.prefer_wait, int(deadline - self.clock()))
-            return self.session.create(self.spec.replicate_name, item.data, wait)
+            with self.observer.create_call():
+                # Run as the spec says (an official model, a version, a deployment), with the
+                # prompt in the model's own prompt input.
+                return self.session.create(self.spec.run_target, self.spec.upstream_input(item.data), wait)
         finally:
             item.create_held = False
 
@@ -125,8 +132,8 @@ class Pipeline:
         for attempt in range(3):
             self._pause(item, self.lane.reads.reserve())
             try:
-                found = find_lost_creates(self.session, [(item.index, item.data)], item.sent_after or 0,
-                                          item.claimed(), max_pages=5)
+                found = find_lost_creates(self.session, [(item.index, self.spec.upstream_input(item.data))],
+                                          item.sent_after or 0, item.claimed(), max_pages=5)
                 return found.get(item.index)
             except (UpstreamError, httpx.TransportError) as exc:
                 log.warning("looking up a lost create failed (attempt %d): %s", attempt + 1, exc)
@@ -214,7 +221,8 @@ class Pipeline:
             time.sleep(min(self.lane.reads.reserve(), 2.0))
             claimed = set().union(*(i.claimed() for i in held))
             try:
-                found = find_lost_creates(self.session, [(i.index, i.data) for i in held],
+                wanted = [(i.index, self.spec.upstream_input(i.data)) for i in held]
+                found = find_lost_creates(self.session, wanted,
                                           min(i.sent_after or 0 for i in held), claimed, only_running=True)
             except (UpstreamError, httpx.TransportError) as exc:
                 log.warning("looking up held creates to cancel failed (attempt %d): %s", attempt + 1, exc)
@@ -230,6 +238,7 @@ class Pipeline:
             time.sleep(min(self.lane.reads.reserve(), 2.0))
             try:
                 self.session.cancel(prediction_id)
+                self.observer.cancel_sent()
                 log.info("canceled prediction %s", prediction_id)
                 return
             except (UpstreamError, httpx.TransportError) as exc:

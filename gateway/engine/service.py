@@ -3,26 +3,32 @@ output saver. `start` queues a request's items in its account's lane, `wait` wai
 up to the request's deadline, `cancel` stops them wherever they are."""
 from __future__ import annotations
 
-import functools
 import logging
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from gateway.accounts import Caller
+from gateway.accounts import Caller, account_key
 from gateway.config import Settings
 from gateway.engine.downloads import Downloader, new_session
 from gateway.engine.files import new_request_folder, remove_partials
 from gateway.engine.items import GenerationItem, ItemListener
 from gateway.engine.limits import LaneManager
 from gateway.engine.models import ModelSpec
+from gateway.engine.observed import ItemObserver
 from gateway.engine.outputs import OutputSaver
 from gateway.engine.pipeline import Pipeline
+from gateway.engine.shared_lanes import SharedLaneManager
+from gateway.engine.shared_limits import SharedLimitsUnavailable
 from gateway.engine.upstream import SessionCache, TokenTracker
+from gateway.errors import ServiceError
+from gateway.metrics import Metrics
 
 log = logging.getLogger(__name__)
 READ_BUDGET_SHARE = 0.9  # leave a tenth of the read budget for clock skew and other calls
+REDIS_RETRY_AFTER_SECONDS = 5
 
 
 class _Unfinished(ItemListener):
@@ -39,14 +45,10 @@ class _Unfinished(ItemListener):
 
 class GenerationService:
     def __init__(self, settings: Settings, clock: Callable[[], float] = time.monotonic,
-                 tracker: TokenTracker | None = None) -> None:
+                 tracker: TokenTracker | None = None, metrics: Metrics | None = None) -> None:
         self.settings, self.clock = settings, clock
-        # Each create window is stretched by a margin: a create is counted upstream when it
-        # arrives, which can be later than when it was booked here (a new connection, a busy core).
-        self.lanes = LaneManager(settings.concurrent_limit, settings.requests_per_minute,
-                                 max(1, int(settings.reads_per_minute * READ_BUDGET_SHARE)),
-                                 window=settings.rate_window, clock=clock,
-                                 margin=max(0.25, settings.rate_window / 120))
+        self.metrics = metrics  # None: nothing measured
+        self.lanes = _lanes(settings, clock)  # in this process, or shared on Redis (REDIS_URL)
         self.sessions = SessionCache(settings.base_url, keepalive=settings.concurrent_limit,
                                      pool_timeout=settings.pool_timeout, capacity=settings.session_cache_size,
                                      idle_seconds=settings.session_idle_seconds, tracker=tracker)
@@ -70,14 +72,15 @@ class GenerationService:
         """Queue every item in the caller's lane; they run at once up to the limits."""
         lane = self.lanes.lane(caller.account)
         session = self.sessions.acquire(caller.token, uses=len(items))  # one use per item's job
+        observer = ItemObserver(self.metrics, caller.account, spec.id, self.clock)  # metrics, log context
         pipeline = Pipeline(spec, lane, session, self.saver,
                             self.settings.generation_timeout, self.settings.prefer_wait,
-                            self.settings.create_attempts, self.settings.throttle_retries, self.clock)
+                            self.settings.create_attempts, self.settings.throttle_retries, self.clock, observer)
         with self._unfinished.lock:
             self._unfinished.items.update(dict.fromkeys(items, pipeline))
         for item in items:
             item.listeners.append(self._unfinished)
-            lane.submit(self.sessions.releasing(session, functools.partial(pipeline.run, item)))
+            lane.submit(self.sessions.releasing(session, observer.job(item, pipeline.run)), item)
 
     def cancel(self, items: list[GenerationItem], stopping: str | None = None) -> None:
         """Cancel items wherever they are: queued ones never start, running ones are canceled
@@ -113,12 +116,28 @@ class GenerationService:
         if items:
             _remove_if_empty(items[0].folder)
 
-    def status(self) -> dict[str, int]:
+    def status(self) -> dict[str, Any]:
         return self.lanes.status()
 
     def configure_limits(self, concurrent_limit: int | None, requests_per_minute: int | None) -> None:
-        """Change the limits of every account at run time (see LaneManager.configure)."""
-        self.lanes.configure(concurrent_limit, requests_per_minute)
+        """Change the limits of every account at run time (see LaneManager.configure); with
+        REDIS_URL, for every worker and replica. ServiceError 503 if Redis is unreachable."""
+        try:
+            self.lanes.configure(concurrent_limit, requests_per_minute)
+        except SharedLimitsUnavailable as exc:
+            raise _redis_unavailable(exc) from None
+
+    def start_background(self) -> None:
+        """Background work of the limits (with REDIS_URL: lease renewals, shared settings)."""
+        self.lanes.start()
+
+    def ensure_admitting(self) -> None:
+        """ServiceError 503 when new work could not be admitted now (REDIS_URL set and Redis
+        unreachable): a synchronous caller is told at once instead of waiting out its timeout."""
+        try:
+            self.lanes.check_available()
+        except SharedLimitsUnavailable as exc:
+            raise _redis_unavailable(exc) from None
 
     def shutdown(self) -> None:
         """Stop: unfinished items are told to stop (their workers cancel upstream), then the
@@ -128,6 +147,27 @@ class GenerationService:
                 item.cancelled.set()
         self.lanes.shutdown()
         self.sessions.close()
+
+
+def _lanes(settings: Settings, clock: Callable[[], float]) -> LaneManager | SharedLaneManager:
+    """The account limits: in this process, or in Redis for every worker and replica."""
+    reads = max(1, int(settings.reads_per_minute * READ_BUDGET_SHARE))
+    # Each create window is stretched by a margin: a create is counted upstream when it
+    # arrives, which can be later than when it was booked here (a new connection, a busy core).
+    margin = max(0.25, settings.rate_window / 120)
+    if settings.redis_url:
+        return SharedLaneManager(settings.redis_url, settings.redis_prefix, settings.lease_seconds,
+                                 settings.concurrent_limit, settings.requests_per_minute, reads,
+                                 window=settings.rate_window, clock=clock, margin=margin,
+                                 home_account=account_key(settings.replicate_api_token)
+                                 if settings.replicate_api_token else None)
+    return LaneManager(settings.concurrent_limit, settings.requests_per_minute, reads,
+                       window=settings.rate_window, clock=clock, margin=margin)
+
+
+def _redis_unavailable(exc: SharedLimitsUnavailable) -> ServiceError:
+    return ServiceError(503, f"{exc}; nothing new is admitted until Redis answers again, retry later",
+                        headers={"Retry-After": str(REDIS_RETRY_AFTER_SECONDS)})
 
 
 def _remove_if_empty(folder: Path) -> None:

@@ -11,7 +11,11 @@ one pause per account:
   `RateWindow.reserve` (sliding window plus margin, a pause after a 429, an adaptive
   "effective" rate spread evenly while the upstream throttles).
 - admission checks the lease, the fair queue and the window and books both in ONE script,
-  so a request refused for concurrency never consumes rate quota.
+  so a request refused for concurrency never consumes rate quota (`acquire`; `acquire_many`
+  admits several queued items of one caller in its turn, as many as slots are free).
+- a running holder whose lease lapsed (Redis away longer than a lease, or back empty) takes
+  it again (`reclaim_many`); new default limits (`set_defaults`, from /configure) wake the
+  queue (`defaults_changed`).
 - waiting is fair across processes: a ticket (INCR) in a queue with a heartbeat; only the
   first live ticket may be admitted; whoever frees a slot pushes a wake-up to that ticket's
   own list, on which its owner blocks (`BLPOP`, 0.5 s safety net), so nobody busy-polls.
@@ -34,7 +38,7 @@ import math
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import redis
@@ -189,12 +193,33 @@ end
 local function book(start)
   redis.call('ZADD', WINDOW, start, tostring(redis.call('INCR', SEQ)))
 end
+
+-- Is it `ticket`'s turn ('' = just arrived) with a slot free? -> ticket, live leases; or, when
+-- not, the caller's ticket (new, or refreshed) in the queue and nil.
+local function turn(ticket, conc)
+  local leases = live_leases()
+  local first = head()
+  if ticket ~= '' and not redis.call('ZSCORE', QUEUE, ticket) then
+    drop_ticket(ticket)   -- its heartbeat lapsed: it lost its place and queues again
+    ticket = ''
+  end
+  local mine = (ticket == '' and not first) or (ticket ~= '' and first == ticket)
+  if mine and leases < conc then return ticket, leases end
+  if ticket == '' then
+    ticket = tostring(redis.call('INCR', SEQ))
+    redis.call('ZADD', ORDER, tonumber(ticket), ticket)
+  end
+  redis.call('ZADD', QUEUE, now + beat_s, ticket)
+  touch()
+  return ticket, nil
+end
 """
 
-# ARGV[9] holder, ARGV[10] ticket ('' = just arrived), ARGV[11] latest delay ('' = none).
+# ARGV[9] holder, ARGV[10] ticket ('' = just arrived), ARGV[11] latest delay ('' = none),
+# ARGV[12] '0' = a lease only, no create booked (a prediction that already exists).
 # -> {'ok', delay} | {'wait', ticket} | {'late', earliest delay} | {'held'}
 _ADMIT = _PRELUDE + """
-local holder, ticket, latest = ARGV[9], ARGV[10], ARGV[11]
+local holder, ticket, latest, books = ARGV[9], ARGV[10], ARGV[11], ARGV[12] ~= '0'
 local conc, rpm, eff, paused = limits()
 local leases = live_leases()
 if redis.call('ZSCORE', LEASES, holder) then return {'held'} end
@@ -213,17 +238,52 @@ if not my_turn or leases >= conc then
   touch()
   return {'wait', ticket}
 end
-local start = earliest_start(rpm, eff, paused)
-if latest ~= '' and start > now + tonumber(latest) then
-  if ticket ~= '' then drop_ticket(ticket); wake_head(conc) end
-  return {'late', fmt(start - now)}
+local start = now
+if books then
+  start = earliest_start(rpm, eff, paused)
+  if latest ~= '' and start > now + tonumber(latest) then
+    if ticket ~= '' then drop_ticket(ticket); wake_head(conc) end
+    return {'late', fmt(start - now)}
+  end
 end
 redis.call('ZADD', LEASES, now + lease_s, holder)
-book(start)
+if books then book(start) end
 if ticket ~= '' then drop_ticket(ticket) end
 wake_head(conc)   -- a slot may still be free: the next waiter's turn
 touch()
 return {'ok', fmt(start - now)}
+"""
+
+# ARGV[9] ticket ('' = just arrived), ARGV[10] n, then n triples (holder, latest delay or '',
+# '0' = lease only). In the caller's turn, as many holders as there are free slots, in order,
+# are admitted in one step (each as _ADMIT does).
+# -> {'wait', ticket} | {'done', adapting ('1': the effective rate is below the limit), one
+#     entry per holder handled: delay | 'late:<earliest>' | 'held'}
+_ADMIT_MANY = _PRELUDE + """
+local conc, rpm, eff, paused = limits()
+local ticket, leases = turn(ARGV[9], conc)
+if not leases then return {'wait', ticket} end
+local out = {'done', eff < rpm and '1' or '0'}
+for i = 0, tonumber(ARGV[10]) - 1 do
+  if leases >= conc then break end
+  local holder, latest, books = ARGV[11 + 3 * i], ARGV[12 + 3 * i], ARGV[13 + 3 * i] ~= '0'
+  local start = now
+  if books then start = earliest_start(rpm, eff, paused) end
+  if redis.call('ZSCORE', LEASES, holder) then
+    out[#out + 1] = 'held'
+  elseif books and latest ~= '' and start > now + tonumber(latest) then
+    out[#out + 1] = 'late:' .. fmt(start - now)
+  else
+    redis.call('ZADD', LEASES, now + lease_s, holder)
+    if books then book(start) end
+    leases = leases + 1
+    out[#out + 1] = fmt(start - now)
+  end
+end
+if ticket ~= '' then drop_ticket(ticket) end
+wake_head(conc)   -- a slot may still be free: the next waiter's turn
+touch()
+return out
 """
 
 # ARGV[9] latest delay ('' = none) -> {'ok', delay} | {'late', earliest delay}
@@ -249,6 +309,19 @@ for i = 9, #ARGV do
 end
 touch()
 return lost
+"""
+
+# ARGV[9..] holders still running whose lease lapsed (Redis was away longer than a lease, or
+# restarted empty): they hold their slot again, so the count stays the truth -> how many
+_RECLAIM = _PRELUDE + """
+live_leases()
+local added = 0
+for i = 9, #ARGV do
+  if not redis.call('ZSCORE', LEASES, ARGV[i]) then added = added + 1 end
+  redis.call('ZADD', LEASES, now + lease_s, ARGV[i])
+end
+touch()
+return added
 """
 
 # ARGV[9] holder -> 1 if it held a lease
@@ -304,6 +377,14 @@ wake_head((limits()))   -- a raised limit admits the queue at once (each admissi
 return 1
 """
 
+# ARGV[9] '1' if the rate changed. The defaults (ARGV[4], ARGV[5]) changed: a new rate resets
+# the adaptive one (as RateWindow.set_limit), a raised limit admits the queue at once.
+_DEFAULTS_CHANGED = _PRELUDE + """
+if ARGV[9] == '1' then redis.call('HDEL', CONFIG, 'effective_limit') end
+wake_head((limits()))
+return 1
+"""
+
 # -> {slots in use, waiting, creates in window, concurrent, rpm, effective, pause seconds}
 _STATUS = _PRELUDE + """
 local conc, rpm, eff, paused = limits()
@@ -321,7 +402,8 @@ touch()
 return fmt(start - now)
 """
 
-_SCRIPTS = {"admit": _ADMIT, "reserve": _RESERVE, "renew": _RENEW, "release": _RELEASE,
+_SCRIPTS = {"admit": _ADMIT, "admit_many": _ADMIT_MANY, "reserve": _RESERVE, "renew": _RENEW, "reclaim": _RECLAIM,
+            "release": _RELEASE, "defaults_changed": _DEFAULTS_CHANGED,
             "leave": _LEAVE, "throttled": _THROTTLED, "succeeded": _SUCCEEDED,
             "configure": _CONFIGURE, "status": _STATUS, "pace_read": _PACE_READ}
 
@@ -379,26 +461,39 @@ class RedisAccountLimits:
         self.keys = [f"{base}:{name}" for name in
                      ("leases", "window", "config", "queue", "order", "seq", "refused")]
         self._wake_prefix = f"{base}:wake:"
+        self._heartbeat = float(heartbeat_seconds)
+        self._common: list[str] = []
+        self.set_defaults(concurrent_limit, requests_per_minute)
+        self._client = client
+        # The effective rate was below the limit at the last admission (a throttling upstream):
+        # only then does a success need telling (`succeeded`).
+        self.adapting = True
+        self._scripts = {name: client.register_script(src) for name, src in _SCRIPTS.items()}
+
+    def set_defaults(self, concurrent_limit: int, requests_per_minute: int) -> None:
+        """The limits in force while the account's Redis config holds none (see `configure`),
+        for this instance's next calls; `defaults_changed` then tells Redis's waiters."""
         self._common = [repr(self.lease_seconds), repr(self.window), repr(self.margin),
                         _positive_int("concurrent_limit", concurrent_limit),
                         _positive_int("requests_per_minute", requests_per_minute),
-                        self._wake_prefix, str(IDLE_TTL_SECONDS * 1000), repr(float(heartbeat_seconds))]
-        self._client = client
-        self._scripts = {name: client.register_script(src) for name, src in _SCRIPTS.items()}
+                        self._wake_prefix, str(IDLE_TTL_SECONDS * 1000), repr(self._heartbeat)]
 
     def _run(self, name: str, *args: str) -> Any:
         with _unavailable_on_redis_error(name):
             return self._scripts[name](keys=self.keys, args=[*self._common, *args])
 
     # -- concurrency + window, admitted together ---------------------------------------
-    def acquire(self, holder: str, latest_delay: float | None, timeout: float) -> float:
+    def acquire(self, holder: str, latest_delay: float | None, timeout: float, *, book_create: bool = True,
+                keep_waiting: Callable[[], bool] | None = None) -> float:
         """Wait (fairly, in ticket order across all processes) for a slot, then hold a lease
         for `holder` and book one create start in the window; return the delay until that
         start. The lease lasts `lease_seconds`: `renew` it (see `LeaseKeeper`) and
         `release` it. Raises `AdmissionTimeout` when no slot came within `timeout` seconds
-        (0 = one try), `DeadlineTooSoon` when the booked start would come more than
-        `latest_delay` seconds after the call (nothing booked), `ValueError` if `holder`
-        already holds a lease here. The caller's queue ticket is removed on every exit."""
+        (0 = one try) or `keep_waiting()` (asked before each wait) returned False,
+        `DeadlineTooSoon` when the booked start would come more than `latest_delay` seconds
+        after the call (nothing booked), `ValueError` if `holder` already holds a lease
+        here. With `book_create=False` only the lease is taken (the prediction exists
+        already) and 0 is returned. The caller's queue ticket is removed on every exit."""
         began = time.monotonic()
         if latest_delay is not None and latest_delay == math.inf:
             latest_delay = None
@@ -408,7 +503,8 @@ class RedisAccountLimits:
                 latest = None if latest_delay is None else latest_delay - (time.monotonic() - began)
                 if latest is not None and latest < 0:
                     raise DeadlineTooSoon("the deadline passed while waiting for a slot")
-                reply = [_text(v) for v in self._run("admit", holder, ticket, _optional_seconds(latest))]
+                reply = [_text(v) for v in self._run("admit", holder, ticket, _optional_seconds(latest),
+                                                     "1" if book_create else "0")]
                 if reply[0] == "ok":
                     return float(reply[1])
                 if reply[0] == "late":
@@ -421,6 +517,49 @@ class RedisAccountLimits:
                 remaining = timeout - (time.monotonic() - began)
                 if remaining <= 0:
                     raise AdmissionTimeout(f"no free slot within {timeout:g} s")
+                if keep_waiting is not None and not keep_waiting():
+                    raise AdmissionTimeout("the caller stopped waiting for a slot")
+                with _unavailable_on_redis_error("wait"):
+                    self._client.blpop([self._wake_prefix + ticket], timeout=max(0.01, min(self.wake_poll, remaining)))
+        finally:
+            if ticket:
+                self._leave(ticket)
+
+    def acquire_many(self, requests: Sequence[tuple[str, float | None, bool]], timeout: float, *,
+                     keep_waiting: Callable[[], bool] | None = None) -> list[float | Exception]:
+        """`acquire` for several holders of one caller in one turn: `requests` are
+        (holder, latest_delay, book_create). Once it is the caller's turn, as many of them, in
+        order, as there are free slots are admitted in one atomic step, so a burst of freed
+        slots costs one wake-up per process instead of one per item. Returns one result per
+        request handled (a prefix of `requests`, at least one): the delay until its booked
+        start (0 for a lease only), or, for one not admitted, a `DeadlineTooSoon` (its start
+        would come after its latest delay) or a `ValueError` (the holder held a lease).
+        Raises as `acquire` does while waiting for the turn."""
+        if not requests:
+            raise ValueError("no holders to admit")
+        began = time.monotonic()
+        ticket = ""
+        try:
+            while True:
+                elapsed = time.monotonic() - began
+                first_latest = requests[0][1]
+                if first_latest is not None and first_latest - elapsed < 0:
+                    return [DeadlineTooSoon("the deadline passed while waiting for a slot")]
+                args = [ticket, str(len(requests))]
+                for holder, latest, book_create in requests:
+                    late = None if latest is None or latest == math.inf else latest - elapsed
+                    args += [holder, _optional_seconds(late), "1" if book_create else "0"]
+                reply = [_text(v) for v in self._run("admit_many", *args)]
+                if reply[0] == "done":
+                    ticket = ""  # the script gave up its place
+                    self.adapting = reply[1] == "1"
+                    return [_admitted(entry) for entry in reply[2:]]
+                ticket = reply[1]
+                remaining = timeout - (time.monotonic() - began)
+                if remaining <= 0:
+                    raise AdmissionTimeout(f"no free slot within {timeout:g} s")
+                if keep_waiting is not None and not keep_waiting():
+                    raise AdmissionTimeout("the caller stopped waiting for a slot")
                 with _unavailable_on_redis_error("wait"):
                     self._client.blpop([self._wake_prefix + ticket], timeout=max(0.01, min(self.wake_poll, remaining)))
         finally:
@@ -452,6 +591,17 @@ class RedisAccountLimits:
             return set()
         return {_text(h) for h in self._run("renew", *holders)}
 
+    def reclaim_many(self, holders: Iterable[str]) -> int:
+        """Hold a lease again for holders still running whose lease lapsed (Redis was away
+        longer than a lease, or came back empty); return how many had lapsed."""
+        holders = list(holders)
+        return int(self._run("reclaim", *holders)) if holders else 0
+
+    def defaults_changed(self, rate_changed: bool) -> None:
+        """After `set_defaults`: reset the adaptive rate if the rate changed, and wake the
+        first waiter (a raised limit admits the queue at once)."""
+        self._run("defaults_changed", "1" if rate_changed else "0")
+
     def release(self, holder: str) -> bool:
         """Free `holder`'s slot and wake the first waiter; False if it held none."""
         return int(self._run("release", holder)) == 1
@@ -461,6 +611,7 @@ class RedisAccountLimits:
         """The upstream said 429: no process starts a create before `retry_after` seconds
         (1 s if None); when the upstream refused most of the window's attempts, the
         account's effective rate drops to what it accepted (as `RateWindow.throttled`)."""
+        self.adapting = True
         self._run("throttled", _optional_seconds(retry_after))
 
     def succeeded(self) -> None:
@@ -493,6 +644,16 @@ class RedisAccountLimits:
     def in_window(self) -> int:
         """Creates booked in the current window (including ones booked for later)."""
         return int(self.status()["creates_in_window"])
+
+
+def _admitted(entry: str) -> float | Exception:
+    if entry == "held":
+        return ValueError("this holder already holds a lease on this account")
+    if entry.startswith("late:"):
+        earliest = float(entry[5:])
+        return DeadlineTooSoon(f"the window's next create start is {earliest:.1f} s away, past the deadline",
+                               earliest)
+    return float(entry)
 
 
 def _reads(per_minute: int) -> int:

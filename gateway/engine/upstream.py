@@ -26,6 +26,7 @@ import pydantic.v1
 import replicate
 
 from gateway.accounts import account_key
+from gateway.engine.references import ModelRef, RunBy, official
 
 FINAL_STATUSES = ("succeeded", "failed", "canceled", "aborted")
 UNPARSEABLE = (pydantic.ValidationError, pydantic.v1.ValidationError)
@@ -206,10 +207,26 @@ class UpstreamSession:
             # replicate 1.0.7's model rejects `aborted`: read the same answer as plain JSON.
             return _state(json.loads(self._transport.last_body()))
 
-    def create(self, model: str, data: dict[str, Any], wait: int) -> PredictionState:
-        """Create a prediction; with wait > 0 the upstream holds the answer up to `wait` s."""
-        return self._call(self.client.models.predictions.create, model=model, input=data,
-                          wait=wait if wait > 0 else False)
+    def create(self, target: str | ModelRef, data: dict[str, Any], wait: int) -> PredictionState:
+        """Create a prediction of `target` (an official model's `owner/name`, or a ModelRef
+        naming a model, a version or a deployment); with wait > 0 the upstream holds the
+        answer up to `wait` s. Each kind has its own route upstream (see references.py)."""
+        held = wait if wait > 0 else False
+        if isinstance(target, str):
+            target = official(target)
+        if target.run_by is RunBy.VERSION:
+            # `predictions.create(version=...)` keeps `wait` (with `model=` it drops it).
+            return self._call(self.client.predictions.create, version=target.version, input=data, wait=held)
+        if target.run_by is RunBy.DEPLOYMENT:
+            return self._call(self.client.deployments.predictions.create, deployment=target.model,
+                              input=data, wait=held)
+        return self._call(self.client.models.predictions.create, model=target.model, input=data, wait=held)
+
+    def read_json(self, path: str) -> Any:
+        """One GET of the API (`/v1/models/...`), as plain JSON: the client's models keep
+        only some fields of a model or deployment, and the schema is in the raw document.
+        Error answers raise UpstreamError (see ErrorTransport)."""
+        return self.client._request("GET", path).json()
 
     def get(self, prediction_id: str) -> PredictionState:
         return self._call(self.client.predictions.get, prediction_id)

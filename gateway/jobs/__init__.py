@@ -1,1 +1,2 @@
-"""Durable jobs: the journal, the job manager and its read side, webhooks."""
+"""Durable jobs: the journal (SQLite, or PostgreSQL shared by replicas), the job manager and
+its heartbeat, the read side of jobs, webhooks."""

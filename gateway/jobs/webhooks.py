@@ -62,12 +62,14 @@ def check_target(url: object, allow_private: bool) -> str:
 
 
 class WebhookSender:
-    """Delivers each finished job's state once, retrying with exponential backoff from 1 s."""
+    """Delivers each finished job's state once, retrying with exponential backoff from 1 s.
+    `on_done(job_id, delivered)` is told the outcome (delivered, or given up) in every case,
+    so the delivery's claim in the journal is always settled."""
 
     def __init__(self, secret: str, attempts: int, allow_private: bool,
-                 on_delivered: Callable[[str], None], sleep: Callable[[float], None] = time.sleep) -> None:
+                 on_done: Callable[[str, bool], None], sleep: Callable[[float], None] = time.sleep) -> None:
         self._secret, self._attempts, self._allow_private = secret, attempts, allow_private
-        self._on_delivered, self._sleep = on_delivered, sleep
+        self._on_done, self._sleep = on_done, sleep
         self._http = requests.Session()
 
     def send(self, job_id: str, url: str, body: bytes) -> None:
@@ -75,6 +77,13 @@ class WebhookSender:
                          name=f"webhook-{job_id}").start()
 
     def _deliver(self, job_id: str, url: str, body: bytes) -> None:
+        delivered = False
+        try:
+            delivered = self._attempt_all(job_id, url, body)
+        finally:
+            self._on_done(job_id, delivered)
+
+    def _attempt_all(self, job_id: str, url: str, body: bytes) -> bool:
         message_id = f"msg_{job_id}"  # the same id on every retry, so receivers can de-duplicate
         for attempt in range(1, self._attempts + 1):
             try:
@@ -85,8 +94,7 @@ class WebhookSender:
                     "Content-Type": "application/json", "webhook-id": message_id,
                     "webhook-timestamp": timestamp, "webhook-signature": signature})
                 if 200 <= response.status_code < 300:
-                    self._on_delivered(job_id)
-                    return
+                    return True
                 reason = f"HTTP {response.status_code}"
             except (requests.RequestException, ServiceError) as exc:
                 reason = type(exc).__name__
@@ -94,3 +102,4 @@ class WebhookSender:
             if attempt < self._attempts:
                 self._sleep(min(2 ** (attempt - 1), 300))
         log.error("webhook for job %s given up after %d attempts", job_id, self._attempts)
+        return False
