@@ -16,6 +16,7 @@ SKIP LOCKED` on PostgreSQL, where replicas claim rows at once; nothing on SQLite
 """
 from __future__ import annotations
 
+import abc
 import contextlib
 import logging
 import sqlite3
@@ -49,7 +50,7 @@ class DatabaseUnavailable(ServiceError):
         return f"{self.message} ({self.reason})"
 
 
-class Database:
+class Database(abc.ABC):
     """What the journal needs: one statement, or several in one transaction."""
 
     dialect = ""
@@ -62,13 +63,14 @@ class Database:
             rows = tx.query(sql, args)
         return rows
 
+    @abc.abstractmethod
     def transaction(self, single: bool = False) -> contextlib.AbstractContextManager[Transaction]:
         """Statements in one transaction; `single`: one statement, atomic by itself, sent
         without BEGIN and COMMIT (most of the journal's calls: a round trip or two saved)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def close(self) -> None:
-        raise NotImplementedError
+        """Close every connection; later calls answer nothing."""
 
     def problem(self) -> str | None:
         """None if the database answers now; else why not (for a readiness check)."""
@@ -78,9 +80,9 @@ class Database:
             return str(exc)
         return None
 
+    @abc.abstractmethod
     def sql(self, text: str) -> str:
         """`text` in this dialect (placeholders, `$NOW`, `$REAL`)."""
-        raise NotImplementedError
 
 
 class Transaction:
