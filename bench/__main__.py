@@ -29,6 +29,9 @@ def table(rows: list[dict]) -> str:
             continue
         base = f"{b['seconds']} ({b['completed']}/{b['total']})" if b else "–"
         ratio = r.get("service_over_baseline_time", "baseline incomplete" if b else "–")
+        if "lean_client" in r:  # a reference, not the baseline
+            lean = r["lean_client"]
+            base = f"lean client {lean['seconds']} ({lean['completed']}/{lean['total']}, {lean['efficiency']})"
         lines.append(f"| {r['workload']} | {r['n']} | {r['lower_bound_s']} | {s['seconds']} ({s['completed']}) | "
                      f"{r['efficiency']} | {base} | {ratio} | {s['cpu_ms_per_generation']} | {s['peak_rss_mb']} | "
                      f"{s['peak_threads']} | {_targets(r)} |")

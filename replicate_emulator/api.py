@@ -256,9 +256,10 @@ async def delivery(request: web.Request) -> web.StreamResponse:
     if f is None or f.missing or time.monotonic() - f.created > emu.faults.output_ttl_s:
         emu.stats.count("downloads_404")
         return web.Response(status=404, text="Not Found")
-    if f.data is None:
+    if f.data is None:  # not made while it ran (see Emulator._made_outputs)
         f.data = await asyncio.get_running_loop().run_in_executor(
             None, media.render_file, f.stamp, f.fmt, f.aspect_ratio)
+        emu.stats.count("rendered_on_download")
     emu.stats.count("downloads")
     truncate = f.truncate or decide(emu.rng, emu.faults.truncate_rate, {}, "truncate")
     return await _send(request, f.data, truncate, emu.faults.download_bytes_per_s)

@@ -123,7 +123,17 @@ class Emulator:
                 p.output = self._outputs(p, marks)
             if hang:
                 await asyncio.Event().wait()
-            await asyncio.sleep(max(0.0, latency - start_delay))
+            processing, made, files = max(0.0, latency - start_delay), None, []
+            if not (fail or p.output is not None or {"cancel", "empty"} & marks.keys()):
+                # Its files are made while it runs, as a model makes them: when Replicate says
+                # `succeeded` the files are on its CDN, and a download is a plain read. Made
+                # halfway through, away from a wave's bursts of creates and endings; the run
+                # takes its latency either way (or the rendering's time, if that is longer).
+                began = time.monotonic()
+                await asyncio.sleep(processing / 2)
+                made, files = await self._made_outputs(p, marks)  # shown once it has succeeded
+                processing -= time.monotonic() - began
+            await asyncio.sleep(max(0.0, processing))
             if fail:
                 self.finish(p, "failed", error="Prediction failed: injected failure")
             elif "cancel" in marks:
@@ -131,7 +141,10 @@ class Emulator:
             elif "empty" in marks:
                 self.finish(p, "succeeded", output=[] if outputs.shape(p.version) == "list" else None)
             else:
-                self.finish(p, "succeeded", output=p.output or self._outputs(p, marks))
+                output = p.output or made
+                for f in files:  # their time to live runs from the end, as for any output
+                    f.created = time.monotonic()
+                self.finish(p, "succeeded", output=output if output is not None else self._outputs(p, marks))
         except asyncio.CancelledError:
             pass
 
@@ -150,23 +163,39 @@ class Emulator:
             if task is not current:
                 task.cancel()
 
+    async def _made_outputs(self, p: Prediction, marks: dict) -> tuple[Any, list[OutputFile]]:
+        """The output and its files, rendered now (in a worker thread)."""
+        output, files = self._planned_outputs(p, marks)
+        loop = asyncio.get_running_loop()
+        for f in files:
+            if not f.missing:
+                f.data = await loop.run_in_executor(None, media.render_file, f.stamp, f.fmt, f.aspect_ratio)
+                self.stats.count("rendered_while_running")
+        return output, files
+
     def _outputs(self, p: Prediction, marks: dict) -> Any:
-        """The output the version's Output schema describes; files are registered here and
-        rendered on first download."""
+        """The output, its files registered and rendered on first download (an output seen
+        before the prediction ends, or one no run made: `[[early_output]]`, an ending forced
+        from outside)."""
+        return self._planned_outputs(p, marks)[0]
+
+    def _planned_outputs(self, p: Prediction, marks: dict) -> tuple[Any, list[OutputFile]]:
+        """The output the version's Output schema describes, and its files (registered here)."""
         kind, planned = outputs.plan(p.version, p.input, p.seed)
         if kind == "text":
-            return media.text(planned[0][2])
-        urls = {}
+            return media.text(planned[0][2]), []
+        urls, files = {}, []
         for name, fmt, stamp in planned:
             key = f"{p.id}/{name}.{fmt}"
-            self.files[key] = OutputFile(
+            files.append(OutputFile(
                 stamp=stamp, fmt=fmt, aspect_ratio=stamp["aspect_ratio"], created=time.monotonic(),
                 missing=decide(self.rng, self.faults.output_404_rate, marks, "404"),
-                truncate="truncate" in marks)
+                truncate="truncate" in marks))
+            self.files[key] = files[-1]
             urls[name] = f"{p.base}/delivery/{key}"
         if kind == "object":
-            return urls
-        return list(urls.values()) if kind == "list" else urls["out-0"]
+            return urls, files
+        return (list(urls.values()) if kind == "list" else urls["out-0"]), files
 
     def expire(self, p: Prediction) -> None:
         if p.completed_t and time.monotonic() - p.completed_t > self.faults.output_ttl_s:

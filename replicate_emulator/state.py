@@ -29,7 +29,7 @@ class OutputFile:
     created: float
     missing: bool = False          # answers 404 from the start
     truncate: bool = False         # every download is cut short
-    data: bytes | None = None      # rendered on first download
+    data: bytes | None = None      # made while the prediction ran, else on first download
 
 
 @dataclasses.dataclass

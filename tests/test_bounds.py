@@ -137,7 +137,7 @@ def test_a_lane_job_releases_its_session_however_it_ends():
 
 def test_a_session_builds_its_clients_on_demand():
     session = UpstreamSession("token-one-request", URL, keepalive=1000, pool_timeout=1)
-    assert session.built_shards == 0   # 16 possible shards, none built yet
+    assert session.built_shards == 0   # 63 possible shards (of SHARD_SIZE 16), none built yet
     _ = session.client
     assert session.built_shards == 1
     session.close()

@@ -251,6 +251,25 @@ def test_file_upload_and_listing(emulator_server, emu, tmp_path):
     assert len(rest.results) == 5 and rest.next is None
 
 
+def test_outputs_are_made_while_the_prediction_runs(emulator_server, emu):
+    """As on Replicate, a succeeded prediction's files exist already: a download only reads
+    them. The output is shown only once the prediction has succeeded."""
+    emu.set_faults(latency_s=0.6)
+    c = client(emulator_server)
+    p = c.models.predictions.create(model="black-forest-labs/flux-dev", input={"prompt": "made"})
+    running = wait_for(lambda: (latest := c.predictions.get(p.id)).status == "processing" and latest)
+    assert running.output is None
+    done = wait_for(lambda: (latest := c.predictions.get(p.id)).status == "succeeded" and latest, seconds=20)
+    assert emu.stats()["counters"]["rendered_while_running"] == 1
+    assert read_stamp(fetch(done.output[0]))["prompt"] == "made"
+    assert "rendered_on_download" not in emu.stats()["counters"]
+    # An output seen before the end (a model streaming its files) is made on first download.
+    early = c.models.predictions.create(model="black-forest-labs/flux-dev",
+                                        input={"prompt": "early [[early_output]]"}, wait=10)
+    assert read_stamp(fetch(early.output[0]))["prompt"] == "early [[early_output]]"
+    assert emu.stats()["counters"]["rendered_on_download"] == 1
+
+
 def test_statistics(emulator_server, emu):
     emu.set_faults(latency_s=0.3)
     a, b = client(emulator_server, "tok-a"), client(emulator_server, "tok-b")

@@ -4,11 +4,13 @@ from __future__ import annotations
 import inspect
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from concurrency_manager import Lane, LaneManager, Pacer, RateWindow, SlotPool
 from gateway.engine.service import GenerationService
+from gateway.engine.turnover import CreatesFirst
 from replicate_emulator.control_client import max_in_window
 
 from helpers import wait_for
@@ -194,6 +196,134 @@ def test_early_release_frees_the_slot_before_the_job_ends():
     assert second_started.wait(2)
     hold.set()
     manager.shutdown()
+
+
+def _lane(patience: float = 30.0) -> tuple[Lane, ThreadPoolExecutor]:
+    """A lane of one slot whose leftover work waits up to `patience` for owed creates."""
+    executor = ThreadPoolExecutor(8)
+    return Lane(SlotPool(1), RateWindow(600), Pacer(3000), executor, CreatesFirst(executor, patience)), executor
+
+
+def test_an_ending_job_hands_its_thread_to_the_next_and_its_rest_runs_after():
+    """The next queued job's create must not wait for a thread to start, nor behind the
+    download the finished job still has to do (the rest it returns)."""
+    lane, executor = _lane()
+    threads, order, queued, rest_ran = [], [], threading.Event(), threading.Event()
+
+    def rest():
+        order.append("rest")
+        rest_ran.set()
+
+    def first(release):
+        threads.append(threading.get_ident())
+        queued.wait(5)                       # ends once `second` waits for its slot
+        return rest
+
+    def second(release):
+        threads.append(threading.get_ident())
+        with lane.prediction():              # its create goes out: the rest may run now
+            order.append("second")
+
+    lane.submit(first)
+    lane.submit(second)
+    queued.set()
+    assert rest_ran.wait(5)
+    assert threads[0] == threads[1] and order == ["second", "rest"]
+    executor.shutdown()
+
+
+def test_leftover_work_waits_for_the_creates_owed_to_freed_slots():
+    lane, executor = _lane(patience=30)
+    queued, send, second_waits, rest_ran = (threading.Event() for _ in range(4))
+
+    def first(release):
+        queued.wait(5)                       # ends once `second` waits for its slot
+        return rest_ran.set                  # its rest
+
+    def second(release):
+        second_waits.set()
+        send.wait(5)                         # the create is not sent yet: it is owed
+        with lane.prediction():
+            pass
+
+    lane.submit(first)
+    lane.submit(second)
+    queued.set()
+    assert second_waits.wait(5)
+    assert not rest_ran.is_set()             # held back while the create is owed (30 s patience)
+    send.set()
+    assert rest_ran.wait(5)
+    executor.shutdown()
+
+
+def test_a_job_waiting_in_the_rate_window_owes_no_create():
+    lane, executor = _lane(patience=30)
+    queued, waiting, rest_ran, done = (threading.Event() for _ in range(4))
+
+    def first(release):
+        queued.wait(5)
+        return rest_ran.set
+
+    def second(release):
+        lane.create_waits()                  # its turn in the window is later: nothing owed now
+        waiting.set()
+        done.wait(5)
+
+    lane.submit(first)
+    lane.submit(second)
+    queued.set()
+    assert rest_ran.wait(5)                  # long before the 30 s patience
+    done.set()
+    executor.shutdown()
+
+
+def test_leftover_work_is_never_starved_past_its_patience():
+    lane, executor = _lane(patience=0.05)
+    queued, rest_ran, done = threading.Event(), threading.Event(), threading.Event()
+
+    def first(release):
+        queued.wait(5)
+        return rest_ran.set
+
+    def second(release):                     # owes its create and never sends it
+        done.wait(10)
+
+    lane.submit(first)
+    lane.submit(second)
+    queued.set()
+    assert rest_ran.wait(5)
+    done.set()
+    executor.shutdown()
+
+
+def test_the_last_job_runs_its_rest_on_its_own_thread_and_a_crash_is_logged(caplog):
+    lane, executor = _lane()
+    ran_on, crashed = [], threading.Event()
+
+    def rest():
+        ran_on.append(threading.get_ident())
+        crashed.set()
+        raise RuntimeError("download broke")
+
+    def job(release):
+        ran_on.append(threading.get_ident())
+        return rest
+
+    lane.submit(job)
+    assert crashed.wait(5)
+    wait_for(lambda: "crashed after its slot was freed" in caplog.text)
+    assert ran_on[0] == ran_on[1] and lane.slots.in_use == 0
+    executor.shutdown()
+
+
+def test_work_left_after_shutdown_still_runs():
+    executor = ThreadPoolExecutor(2)
+    first = CreatesFirst(executor)
+    first.close()
+    ran = []
+    first.later(lambda: ran.append(True))
+    assert ran == [True]
+    executor.shutdown()
 
 
 def test_every_clock_is_monotonic_by_default():

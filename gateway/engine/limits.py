@@ -9,7 +9,9 @@
   rate stays under the upstream's read budget however many predictions are in flight.
 - `Lane` / `LaneManager`: a FIFO of queued jobs per token; a job gets a thread from the pool
   only once it holds a slot, so queued work costs no thread and the thread pool never limits
-  concurrency below the configured slots.
+  concurrency below the configured slots. A job that ends hands its slot *and its thread* to
+  the next queued job, whose create goes out at once; what the job left to do without a slot
+  (download, files, journal) runs after that (`gateway.engine.turnover.CreatesFirst`).
 - `AccountLane` / `CreateBudget` / `ReadBudget`: the small interface the pipeline and the
   service use, met by `Lane` here and by `gateway.engine.shared_lanes.SharedLane` (the same
   limits held in Redis for every worker and replica, REDIS_URL).
@@ -27,13 +29,16 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Protocol
 
+from gateway.engine.turnover import CreatesFirst, Rest, run_logged
+
 if TYPE_CHECKING:
     from gateway.engine.items import GenerationItem
 
 log = logging.getLogger(__name__)
 Clock = Callable[[], float]
-# A queued piece of work: called with a `release()` that frees its slot early.
-Job = Callable[[Callable[[], None]], None]
+# A queued piece of work, run holding a slot: called with a `release()` that frees the slot
+# early; it may return the rest of its work, which needs no slot (see `Lane.submit`).
+Job = Callable[[Callable[[], None]], Rest | None]
 
 # Threads are created only as slots are taken and reused afterwards; this ceiling exists
 # only so a runaway configuration cannot exhaust the process.
@@ -200,6 +205,7 @@ class AccountLane(Protocol):
     reads: ReadBudget
 
     def prediction(self) -> contextlib.AbstractContextManager[None]: ...
+    def create_waits(self) -> None: ...
     def submit(self, job: Job, item: GenerationItem | None = None) -> None: ...
 
 
@@ -207,12 +213,14 @@ class Lane:
     """Queued jobs and limits of one upstream account."""
 
     def __init__(self, slots: SlotPool, creates: RateWindow, reads: Pacer,
-                 executor: ThreadPoolExecutor) -> None:
+                 executor: ThreadPoolExecutor, first: CreatesFirst | None = None) -> None:
         self.slots, self.creates, self.reads = slots, creates, reads
         self._executor = executor
+        self._first = first or CreatesFirst(executor)
         self._queue: collections.deque = collections.deque()
         self._lock = threading.Lock()
         self._in_flight = 0  # predictions created upstream and not yet final
+        self._owing = threading.local()  # this thread's job was handed a slot and sent no create yet
 
     @property
     def in_flight(self) -> int:
@@ -220,14 +228,26 @@ class Lane:
 
     @contextlib.contextmanager
     def prediction(self) -> Iterator[None]:
-        """Count one prediction in flight upstream for the body of the `with`."""
+        """Count one prediction in flight upstream for the body of the `with` (entered just
+        before a create is sent, or a known prediction is picked up)."""
         with self._lock:
             self._in_flight += 1
+        self._pay()
         try:
             yield
         finally:
             with self._lock:
                 self._in_flight -= 1
+            self._first.ended()
+
+    def create_waits(self) -> None:
+        """This thread's job waits for its turn in the rate window: it owes no create now."""
+        self._pay()
+
+    def _pay(self) -> None:
+        if getattr(self._owing, "value", False):
+            self._owing.value = False
+            self._first.paid()
 
     @property
     def queued(self) -> int:
@@ -246,7 +266,9 @@ class Lane:
     def submit(self, job: Job, item: GenerationItem | None = None) -> None:
         """Queue `job`; it runs on a pool thread once a slot is free. The job receives a
         `release()` that frees its slot early (idempotent); the slot is freed at the end
-        of the job in any case. `item` (what the job runs) is for the shared lane, which
+        of the job in any case. A job may return the rest of its work, which needs no slot:
+        it runs after the slot (and, if a job is queued, this thread) went to the next job,
+        once the creates owed have gone out. `item` (what the job runs) is for the shared lane, which
         admits by the item's deadline; here every job simply waits its turn."""
         with self._lock:
             self._queue.append(job)
@@ -258,9 +280,16 @@ class Lane:
                 if not self._queue or not self.slots.try_acquire():
                     return
                 job = self._queue.popleft()
+            self._first.owe()
             self._executor.submit(self._run, job)
 
-    def _run(self, job: Job) -> None:
+    def _run(self, job: Job | None) -> None:
+        while job is not None:
+            job = self._run_one(job)
+
+    def _run_one(self, job: Job) -> Job | None:
+        """Run `job`; return the queued job its slot went to, to be run on this thread."""
+        self._owing.value = True
         released = threading.Event()
         lock = threading.Lock()
 
@@ -272,12 +301,38 @@ class Lane:
             self.slots.release()
             self.pump()
 
+        rest = None
         try:
-            job(release)
+            rest = job(release)
         except Exception:  # a job must never take its slot with it
             log.exception("generation job crashed")
-        finally:
+        except BaseException:
+            self._pay()
             release()
+            raise
+        self._pay()  # a job that ended without sending a create owes none
+        with lock:
+            early = released.is_set()
+            released.set()
+        following = None if early else self._hand_over()
+        if rest is not None:
+            if following is not None:
+                self._first.later(rest)
+            else:
+                self._first.wait()
+                run_logged(rest)
+        return following
+
+    def _hand_over(self) -> Job | None:
+        """Free the finished job's slot; if a queued job may take it, return that job (it
+        then holds the slot) so this thread runs it: no thread to start or wake before its
+        create goes out."""
+        with self._lock:
+            self.slots.release()
+            following = self._queue.popleft() if self._queue and self.slots.try_acquire() else None
+        if following is not None:
+            self._first.owe()
+        return following
 
 
 class LaneManager:
@@ -292,6 +347,8 @@ class LaneManager:
         self._lanes: dict[str, Lane] = {}
         self._lock = threading.Lock()
         self._executor = ThreadPoolExecutor(max_workers=MAX_THREADS, thread_name_prefix="generation")
+        # One for all lanes: the GIL and the cores are shared by every account's work.
+        self._first = CreatesFirst(self._executor)
 
     def lane(self, key: str) -> Lane:
         with self._lock:
@@ -301,7 +358,7 @@ class LaneManager:
                     self._forget_idle_lanes()
                 lane = Lane(SlotPool(self._limit),
                             RateWindow(self._rpm, self._window, self._clock, self._margin),
-                            Pacer(self._reads, self._window, self._clock), self._executor)
+                            Pacer(self._reads, self._window, self._clock), self._executor, self._first)
                 self._lanes[key] = lane
             return lane
 
@@ -350,4 +407,5 @@ class LaneManager:
         """In-process limits are always there (the shared manager raises if Redis is not)."""
 
     def shutdown(self) -> None:
+        self._first.close()
         self._executor.shutdown(wait=False, cancel_futures=True)

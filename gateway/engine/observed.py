@@ -21,11 +21,12 @@ import httpx
 
 from gateway import logs
 from gateway.engine.items import GenerationItem, ItemListener
+from gateway.engine.limits import Job
+from gateway.engine.turnover import Rest
 from gateway.engine.upstream import PredictionState, UpstreamError
 from gateway.metrics import Metrics
 
 log = logging.getLogger(__name__)
-Job = Callable[[Callable[[], None]], None]
 
 
 class ItemObserver(ItemListener):
@@ -42,23 +43,28 @@ class ItemObserver(ItemListener):
         return cls(None, "", "")
 
     # -- the item's job ---------------------------------------------------------------------
-    def job(self, item: GenerationItem, run: Callable[[GenerationItem, Callable[[], None]], None]) -> Job:
+    def job(self, item: GenerationItem, run: Callable[[GenerationItem, Callable[[], None]], Rest | None]) -> Job:
         """`run(item, release)` as a lane job: in the item's log context, with its slot wait
-        measured. Call when the item is queued."""
+        measured; so is the rest it returns. Call when the item is queued."""
         item.listeners.append(self)
         queued = self._clock()
         with self._lock:
             self._queued[item] = queued
 
-        def in_context(release: Callable[[], None]) -> None:
+        def in_context(release: Callable[[], None]) -> Rest | None:
             logs.bind_item(item)
             if self._m:
                 self._m.slot_wait_seconds.labels(self.model).observe(self._clock() - queued)
-            run(item, release)
+            return run(item, release)
 
-        # The item's context (captured when it was made: the request's id, the job's) is
-        # entered on the pool thread; each item has its own, so none is entered twice.
-        return lambda release: item.context.run(in_context, release)
+        def job(release: Callable[[], None]) -> Rest | None:
+            # The item's context (captured when it was made: the request's id, the job's) is
+            # entered on the pool thread; each item has its own, and its job and its rest
+            # run one after the other, so none is entered twice at once.
+            rest = item.context.run(in_context, release)
+            return None if rest is None else lambda: item.context.run(rest)
+
+        return job
 
     # -- listener events ----------------------------------------------------------------------
     def done(self, item: GenerationItem) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import random
 import time
@@ -44,19 +45,37 @@ class Pipeline:
     clock: Callable[[], float] = time.monotonic
     observer: ItemObserver = dataclasses.field(default_factory=ItemObserver.unobserved)  # metrics
 
-    def run(self, item: GenerationItem, release: Callable[[], None]) -> None:
-        """The job a lane runs; `release` frees the item's slot once the prediction is final."""
+    def run(self, item: GenerationItem, release: Callable[[], None]) -> Callable[[], None]:
+        """The job a lane runs, holding the item's slot: create the prediction and wait until
+        it is final. Returns the rest (journal, download, files), which needs no slot: the
+        lane runs it once the slot has gone to the next queued job, so that job's create is
+        not held up behind this one's download. (The slot is freed when this returns:
+        `release`, the lane's early release, is not needed.)"""
+        outcome: Callable[[], None] | None = None  # nothing to do for an item canceled before its turn
+        created = False  # created here and answered already final: journaled in the rest
         try:
-            if item.cancelled.is_set():
-                return
-            try:
+            if not item.cancelled.is_set():
+                fresh = item.prediction_id is None
                 with contextlib.ExitStack() as in_flight:  # counted from the create until final
                     state, deadline, label = self._start(item, in_flight)
+                    created = fresh and state.final
                     state = self._until_final(item, state, deadline, label)
                     self.observer.prediction_final(item, state)
-            finally:
-                release()  # downloads do not hold a slot
-            self.saver.save(item, self.spec, state, deadline, self.observer)
+                outcome = functools.partial(self.saver.save, item, self.spec, state, deadline, self.observer)
+        except ItemFailed as failure:
+            outcome = functools.partial(item.fail, failure.message, failure.status, failure.invalid_fields)
+        except Exception:
+            log.exception("item %d failed unexpectedly", item.index)
+            outcome = functools.partial(item.fail, "Generation failed: internal error (see the service log)")
+        return functools.partial(self._finish, item, outcome, created)
+
+    def _finish(self, item: GenerationItem, outcome: Callable[[], None] | None, created: bool) -> None:
+        """The rest of `run`, after the slot is freed."""
+        try:
+            if created:
+                item.notify_created()
+            if outcome is not None:
+                outcome()
         except ItemFailed as failure:
             item.fail(failure.message, failure.status, failure.invalid_fields)
         except Exception:
@@ -82,7 +101,10 @@ class Pipeline:
     def _create(self, item: GenerationItem, in_flight: contextlib.ExitStack) -> tuple[PredictionState, float, str]:
         failures = throttles = 0
         while True:
-            self._pause(item, self._window_delay(item))
+            delay = self._window_delay(item)
+            if delay > 0:
+                self.lane.create_waits()  # finished work need not wait for this create
+            self._pause(item, delay)
             # The prediction's deadline runs from the moment its create is sent.
             deadline, label = self._deadline_from(item, self.clock())
             with contextlib.ExitStack() as attempt:
@@ -105,7 +127,8 @@ class Pipeline:
             self.lane.creates.succeeded()
             item.prediction_id = state.id
             item.timings["created"] = time.time()
-            item.notify_created()
+            if not state.final:  # else journaled after the slot is freed (see `run`)
+                item.notify_created()
             return state, deadline, label
 
     def _send_create(self, item: GenerationItem, deadline: float) -> PredictionState:

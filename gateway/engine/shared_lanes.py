@@ -60,6 +60,7 @@ from gateway.engine.shared_limits import (
     connect,
     ping,
 )
+from gateway.engine.turnover import run_logged
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -230,6 +231,9 @@ class SharedLane:
             with self._cond:
                 self._in_flight -= 1
 
+    def create_waits(self) -> None:
+        """Nothing to do: a create's start was booked at admission, in Redis."""
+
     # -- admission --------------------------------------------------------------------------
     def submit(self, job: Job, item: GenerationItem | None = None) -> None:
         """Queue `job`; it runs once the account (across every process) has a slot for it."""
@@ -318,13 +322,16 @@ class SharedLane:
                 self._release(holder)
 
         _current.admitted = _Admitted(self, item, start)
+        rest = None
         try:
-            job(release)
+            rest = job(release)
         except Exception:  # a job must never take its lease with it
             log.exception("generation job crashed")
         finally:
             _current.admitted = None
             release()
+        if rest is not None:  # what the job left to do without a slot (download, files)
+            run_logged(rest)
 
     def _release(self, holder: str) -> None:
         with self._holders_lock:  # the keeper's reclaim looks at the same set

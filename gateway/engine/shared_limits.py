@@ -11,8 +11,8 @@ one pause per account:
   `RateWindow.reserve` (sliding window plus margin, a pause after a 429, an adaptive
   "effective" rate spread evenly while the upstream throttles).
 - admission checks the lease, the fair queue and the window and books both in ONE script,
-  so a request refused for concurrency never consumes rate quota (`acquire`; `acquire_many`
-  admits several queued items of one caller in its turn, as many as slots are free).
+  so a request refused for concurrency never consumes rate quota (`acquire_many` admits
+  several queued items of one caller in its turn, as many as slots are free; `acquire` one).
 - a running holder whose lease lapsed (Redis away longer than a lease, or back empty) takes
   it again (`reclaim_many`); new default limits (`set_defaults`, from /configure) wake the
   queue (`defaults_changed`).
@@ -215,52 +215,21 @@ local function turn(ticket, conc)
 end
 """
 
-# ARGV[9] holder, ARGV[10] ticket ('' = just arrived), ARGV[11] latest delay ('' = none),
-# ARGV[12] '0' = a lease only, no create booked (a prediction that already exists).
-# -> {'ok', delay} | {'wait', ticket} | {'late', earliest delay} | {'held'}
-_ADMIT = _PRELUDE + """
-local holder, ticket, latest, books = ARGV[9], ARGV[10], ARGV[11], ARGV[12] ~= '0'
-local conc, rpm, eff, paused = limits()
-local leases = live_leases()
-if redis.call('ZSCORE', LEASES, holder) then return {'held'} end
-local first = head()
-if ticket ~= '' and not redis.call('ZSCORE', QUEUE, ticket) then
-  drop_ticket(ticket)   -- its heartbeat lapsed: it lost its place and queues again
-  ticket = ''
-end
-local my_turn = (ticket == '' and not first) or (ticket ~= '' and first == ticket)
-if not my_turn or leases >= conc then
-  if ticket == '' then
-    ticket = tostring(redis.call('INCR', SEQ))
-    redis.call('ZADD', ORDER, tonumber(ticket), ticket)
-  end
-  redis.call('ZADD', QUEUE, now + beat_s, ticket)
-  touch()
-  return {'wait', ticket}
-end
-local start = now
-if books then
-  start = earliest_start(rpm, eff, paused)
-  if latest ~= '' and start > now + tonumber(latest) then
-    if ticket ~= '' then drop_ticket(ticket); wake_head(conc) end
-    return {'late', fmt(start - now)}
-  end
-end
-redis.call('ZADD', LEASES, now + lease_s, holder)
-if books then book(start) end
-if ticket ~= '' then drop_ticket(ticket) end
-wake_head(conc)   -- a slot may still be free: the next waiter's turn
-touch()
-return {'ok', fmt(start - now)}
-"""
-
 # ARGV[9] ticket ('' = just arrived), ARGV[10] n, then n triples (holder, latest delay or '',
 # '0' = lease only). In the caller's turn, as many holders as there are free slots, in order,
-# are admitted in one step (each as _ADMIT does).
+# are admitted in one step: each takes a lease and (unless lease only) books its create start,
+# or is refused ('late' past its latest delay: nothing booked; 'held' if it holds a lease).
+# A first holder that already holds a lease is refused at once, without waiting for a turn.
+# 'done' always means the caller's ticket is gone.
 # -> {'wait', ticket} | {'done', adapting ('1': the effective rate is below the limit), one
 #     entry per holder handled: delay | 'late:<earliest>' | 'held'}
 _ADMIT_MANY = _PRELUDE + """
 local conc, rpm, eff, paused = limits()
+live_leases()
+if redis.call('ZSCORE', LEASES, ARGV[11]) then
+  if ARGV[9] ~= '' then drop_ticket(ARGV[9]); wake_head(conc) end
+  return {'done', eff < rpm and '1' or '0', 'held'}
+end
 local ticket, leases = turn(ARGV[9], conc)
 if not leases then return {'wait', ticket} end
 local out = {'done', eff < rpm and '1' or '0'}
@@ -402,7 +371,7 @@ touch()
 return fmt(start - now)
 """
 
-_SCRIPTS = {"admit": _ADMIT, "admit_many": _ADMIT_MANY, "reserve": _RESERVE, "renew": _RENEW, "reclaim": _RECLAIM,
+_SCRIPTS = {"admit_many": _ADMIT_MANY, "reserve": _RESERVE, "renew": _RENEW, "reclaim": _RECLAIM,
             "release": _RELEASE, "defaults_changed": _DEFAULTS_CHANGED,
             "leave": _LEAVE, "throttled": _THROTTLED, "succeeded": _SUCCEEDED,
             "configure": _CONFIGURE, "status": _STATUS, "pace_read": _PACE_READ}
@@ -491,39 +460,15 @@ class RedisAccountLimits:
         `release` it. Raises `AdmissionTimeout` when no slot came within `timeout` seconds
         (0 = one try) or `keep_waiting()` (asked before each wait) returned False,
         `DeadlineTooSoon` when the booked start would come more than `latest_delay` seconds
-        after the call (nothing booked), `ValueError` if `holder` already holds a lease
-        here. With `book_create=False` only the lease is taken (the prediction exists
-        already) and 0 is returned. The caller's queue ticket is removed on every exit."""
-        began = time.monotonic()
-        if latest_delay is not None and latest_delay == math.inf:
-            latest_delay = None
-        ticket = ""
-        try:
-            while True:
-                latest = None if latest_delay is None else latest_delay - (time.monotonic() - began)
-                if latest is not None and latest < 0:
-                    raise DeadlineTooSoon("the deadline passed while waiting for a slot")
-                reply = [_text(v) for v in self._run("admit", holder, ticket, _optional_seconds(latest),
-                                                     "1" if book_create else "0")]
-                if reply[0] == "ok":
-                    return float(reply[1])
-                if reply[0] == "late":
-                    ticket = ""  # the script already gave up its place
-                    raise DeadlineTooSoon(f"the window's next create start is {float(reply[1]):.1f} s "
-                                          f"away, past the deadline", float(reply[1]))
-                if reply[0] == "held":
-                    raise ValueError("this holder already holds a lease on this account")
-                ticket = reply[1]
-                remaining = timeout - (time.monotonic() - began)
-                if remaining <= 0:
-                    raise AdmissionTimeout(f"no free slot within {timeout:g} s")
-                if keep_waiting is not None and not keep_waiting():
-                    raise AdmissionTimeout("the caller stopped waiting for a slot")
-                with _unavailable_on_redis_error("wait"):
-                    self._client.blpop([self._wake_prefix + ticket], timeout=max(0.01, min(self.wake_poll, remaining)))
-        finally:
-            if ticket:
-                self._leave(ticket)
+        after the call, or that deadline passed while waiting (nothing booked either way),
+        `ValueError` if `holder` already holds a lease here (at once, without waiting for a
+        slot). With `book_create=False` only the lease is taken (the prediction exists
+        already) and 0 is returned. The caller's queue ticket is removed on every exit.
+        This is `acquire_many` with one request."""
+        result = self.acquire_many([(holder, latest_delay, book_create)], timeout, keep_waiting=keep_waiting)[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
 
     def acquire_many(self, requests: Sequence[tuple[str, float | None, bool]], timeout: float, *,
                      keep_waiting: Callable[[], bool] | None = None) -> list[float | Exception]:
@@ -533,8 +478,11 @@ class RedisAccountLimits:
         slots costs one wake-up per process instead of one per item. Returns one result per
         request handled (a prefix of `requests`, at least one): the delay until its booked
         start (0 for a lease only), or, for one not admitted, a `DeadlineTooSoon` (its start
-        would come after its latest delay) or a `ValueError` (the holder held a lease).
-        Raises as `acquire` does while waiting for the turn."""
+        would come after its latest delay, or the first one's deadline passed while waiting)
+        or a `ValueError` (the holder held a lease; for the first one, answered at once
+        without waiting). Raises `AdmissionTimeout` when the turn did not come within
+        `timeout` seconds (0 = one try) or `keep_waiting()` (asked before each wait) returned
+        False. The caller's queue ticket is removed on every exit."""
         if not requests:
             raise ValueError("no holders to admit")
         began = time.monotonic()

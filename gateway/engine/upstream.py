@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from datetime import datetime
 from typing import Any, Protocol
 
+import httpcore  # noqa: F401  imported now: httpx imports it on its first transport, a request's (~15 ms)
 import httpx
 import pydantic
 import pydantic.v1
@@ -125,7 +126,10 @@ def _state(prediction: Any) -> PredictionState:
     return PredictionState(prediction.id, prediction.status, prediction.output, prediction.error)
 
 
-SHARD_SIZE = 64  # connections per HTTP pool: httpcore scans its whole pool on every request
+# Connections per HTTP pool. httpcore (1.0) looks over its whole pool on every request and
+# every answer, and for each idle connection counts the pool again: O(n^2) in the pool's
+# size. At 64 that scan was 40% of a turnover's CPU in workload 1b; at 16, a few percent.
+SHARD_SIZE = 16
 
 
 @functools.cache
@@ -290,6 +294,7 @@ class SessionCache:
         self._sessions: collections.OrderedDict[str, UpstreamSession] = collections.OrderedDict()
         self._retired: dict[str, UpstreamSession] = {}  # evicted while held: closed on last release
         self._lock = threading.Lock()
+        _ssl_context()  # built at start-up, not by a first request's creates (~20 ms)
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -344,12 +349,13 @@ class SessionCache:
             session.users += 1
             return True
 
-    def releasing(self, session: UpstreamSession, work: Callable[..., None]) -> Callable[..., None]:
+    def releasing(self, session: UpstreamSession, work: Callable[..., Any]) -> Callable[..., Any]:
         """`work` followed by the release of one use of `session`, however it ends: a lane
-        job, or a thread's target."""
-        def run(*args: Any, **kwargs: Any) -> None:
+        job, or a thread's target. What `work` returns is passed on (a lane job's rest,
+        which needs no session)."""
+        def run(*args: Any, **kwargs: Any) -> Any:
             try:
-                work(*args, **kwargs)
+                return work(*args, **kwargs)
             finally:
                 self.release(session)
         return run
