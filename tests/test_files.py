@@ -14,7 +14,7 @@ import pytest
 import requests
 
 from gateway.config import Settings
-from gateway.engine.files import default_stems, describe_data_uri
+from gateway.engine.files import STALE_PARTIAL_SECONDS, default_stems, describe_data_uri, remove_partials
 from gateway.state import gateway_state
 from replicate_emulator import read_stamp
 
@@ -162,3 +162,30 @@ def test_generate_batch_answers_download_urls_and_its_job(service, emu):
     job = service.get(f"/jobs/{body['job_id']}", headers=USER).json()
     assert job["status"] == "partial" and [i["urls"] for i in job["items"] if i["urls"]] == [
         r["urls"] for r in body["successful_results"]]
+
+
+# -- partial downloads: a crash's are removed, a sibling worker's are not ---------------------
+def test_only_stale_partial_downloads_are_removed(tmp_path):
+    """Workers (and replicas) share OUTPUT_DIR: one that starts must not delete a download
+    another is writing (its item would fail), only what a crashed process left."""
+    folder = tmp_path / "20260101-000000-abcd1234"
+    folder.mkdir()
+    stale, fresh, placed = folder / ".part-left", folder / ".part-writing", folder / "a.webp"
+    for path in (stale, fresh, placed):
+        path.write_bytes(b"x")
+    now = 1_000_000.0
+    os.utime(stale, (now - STALE_PARTIAL_SECONDS - 1,) * 2)
+    os.utime(fresh, (now - 5,) * 2)
+    assert remove_partials(str(tmp_path), now=lambda: now) == 1
+    assert not stale.exists() and fresh.exists() and placed.exists()
+
+
+def test_a_starting_service_leaves_a_download_in_progress_alone(make_service, tmp_path, emu):
+    folder = tmp_path / "output" / "20260101-000000-abcd1234"
+    folder.mkdir(parents=True)
+    crashed, writing = folder / ".part-crashed", folder / ".part-writing"
+    crashed.write_bytes(b"x")
+    writing.write_bytes(b"x")
+    os.utime(crashed, (os.path.getmtime(crashed) - STALE_PARTIAL_SECONDS - 60,) * 2)
+    make_service()  # start(app) runs, as in a gunicorn worker that boots beside busy ones
+    assert not crashed.exists() and writing.exists()

@@ -14,7 +14,7 @@ import re
 import secrets
 import time
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -156,10 +156,22 @@ def place(temp: Path, final: Path) -> None:
     os.unlink(temp)
 
 
-def remove_partials(output_dir: str) -> int:
-    """Delete temporary download files left by a crash; return how many."""
-    removed = 0
+# A temporary file untouched this long belongs to no live download: a download writes each
+# chunk as it comes and gives up after 30 s without one (its read timeout), removing its
+# file; a provenance record's temporary file is renamed as soon as it is written.
+STALE_PARTIAL_SECONDS = 300.0
+
+
+def remove_partials(output_dir: str, older_than: float = STALE_PARTIAL_SECONDS,
+                    now: Callable[[], float] = time.time) -> int:
+    """Delete temporary download files left by a crash; return how many. Only stale ones:
+    the other workers (and replicas) sharing OUTPUT_DIR may be writing theirs right now."""
+    removed, cutoff = 0, now() - older_than
     for path in Path(output_dir).glob(f"*/{PART_PREFIX}*"):
-        path.unlink(missing_ok=True)
-        removed += 1
+        try:
+            if path.stat().st_mtime < cutoff:
+                path.unlink()
+                removed += 1
+        except FileNotFoundError:  # finished, or removed by another process, meanwhile
+            continue
     return removed

@@ -59,10 +59,11 @@ class GenerationService:
         Path(settings.output_dir).mkdir(parents=True, exist_ok=True)
 
     def remove_partials(self) -> None:
-        """Delete temporary downloads a crashed process left (at start, before any work)."""
+        """Delete temporary downloads a crashed process left (at start, and now and then from
+        the jobs' upkeep); only stale ones, never a sibling worker's download in progress."""
         removed = remove_partials(self.settings.output_dir)
         if removed:
-            log.info("removed %d partial download(s) left by an earlier run", removed)
+            log.info("removed %d partial download(s) left by a crashed process", removed)
 
     def new_folder(self) -> Path:
         """A fresh output folder for one request or job (created on first write)."""

@@ -485,6 +485,9 @@ class JobManager:
             if self.settings.delete_files_with_jobs:
                 remove_folders(self.settings.output_dir, folders)
 
+    def remove_stale_partials(self) -> None:
+        self.service.remove_partials()
+
     # -- start and stop -----------------------------------------------------------------------
     def resume(self) -> None:
         """At start-up: pick up the unfinished jobs nobody runs (a previous process's, or a

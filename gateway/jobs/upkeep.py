@@ -5,7 +5,8 @@
 - adopts jobs whose leases expired (a dead replica's work) and notes the user jobs that wait
   for their owner;
 - sends webhooks nobody is sending (a crash between a job's end and its delivery);
-- removes finished jobs past JOB_RETENTION_DAYS.
+- removes finished jobs past JOB_RETENTION_DAYS;
+- removes partial downloads a crashed process left (stale ones only: see files.py).
 
 Started by `gateway.app.start`, stopped by `JobManager.stop`. One tick is at most a second
 and at most a quarter of the lease, so a lease is renewed several times before it can run
@@ -23,6 +24,7 @@ from typing import Protocol
 
 log = logging.getLogger(__name__)
 SLOW_EVERY = 5.0        # seconds between the sweeps for orphans and pending webhooks
+PARTIALS_EVERY = 600.0  # seconds between the sweeps of OUTPUT_DIR for stale partial downloads
 MAX_TICK = 1.0
 
 
@@ -33,6 +35,7 @@ class Duties(Protocol):
     def refresh_orphans(self) -> None: ...
     def send_pending_webhooks(self) -> None: ...
     def remove_expired_jobs(self) -> None: ...
+    def remove_stale_partials(self) -> None: ...
 
 
 class Upkeep:
@@ -57,6 +60,7 @@ class Upkeep:
 
     def _loop(self) -> None:
         next_slow = next_retention = self._clock()
+        next_partials = next_slow + PARTIALS_EVERY  # start-up removed them just now
         while not self._stop.wait(self.tick):
             now = self._clock()
             self._do(self._duties.renew_leases, self._duties.pick_up_cancels, self._duties.adopt_expired)
@@ -66,6 +70,9 @@ class Upkeep:
             if self._retention_every is not None and now >= next_retention:
                 next_retention = now + self._retention_every
                 self._do(self._duties.remove_expired_jobs)
+            if now >= next_partials:
+                next_partials = now + PARTIALS_EVERY
+                self._do(self._duties.remove_stale_partials)
 
     def _do(self, *duties: Callable[[], None]) -> None:
         for duty in duties:
