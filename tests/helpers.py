@@ -2,14 +2,16 @@
 app.py) on free loopback ports."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import requests
 
@@ -76,6 +78,37 @@ def stop(proc: subprocess.Popen) -> str:
         proc.kill()
         out, _ = proc.communicate()
     return out
+
+
+def end_process(process: subprocess.Popen, sig: int = signal.SIGTERM, grace: float = 5) -> None:
+    """Signal a server process to stop; kill it if it has not within `grace` seconds."""
+    process.send_signal(sig)
+    try:
+        process.wait(grace)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(5)
+
+
+class Server(Protocol):
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+
+
+S = TypeVar("S", bound=Server)
+
+
+@contextlib.contextmanager
+def server_in_temp_dir(make: Callable[[Path], S], prefix: str) -> Iterator[S]:
+    """A test server (redis-server, PostgreSQL) started in a fresh temporary directory,
+    stopped and its directory removed on exit."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as directory:
+        server = make(Path(directory))
+        server.start()
+        try:
+            yield server
+        finally:
+            server.stop()
 
 
 def children(pid: int) -> list[int]:

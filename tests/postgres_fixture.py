@@ -13,7 +13,6 @@ import pwd
 import shutil
 import signal
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from helpers import free_port
+from helpers import end_process, free_port, server_in_temp_dir
 
 INSTALL = "apt-get install -y postgresql"
 USER, PASSWORD = "gateway", "pg-secret-for-tests-7731"
@@ -123,24 +122,14 @@ class PostgresServer:
     def stop(self) -> None:
         if self.process is None:
             return
-        self.process.send_signal(signal.SIGINT)  # "fast" shutdown: clients are disconnected, not waited for
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(5)
+        end_process(self.process, signal.SIGINT, 10)  # "fast" shutdown: clients are disconnected, not waited for
         self.process = None
 
 
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[PostgresServer]:
-    with tempfile.TemporaryDirectory(prefix="postgres-test-") as directory:
-        server = PostgresServer(Path(directory))
-        server.start()
-        try:
-            yield server
-        finally:
-            server.stop()
+    with server_in_temp_dir(PostgresServer, "postgres-test-") as server:
+        yield server
 
 
 @pytest.fixture
@@ -152,10 +141,5 @@ def postgres_url(postgres_server: PostgresServer) -> str:
 @pytest.fixture
 def own_postgres_server() -> Iterator[PostgresServer]:
     """A PostgreSQL of the test's own, which it may stop and start again."""
-    with tempfile.TemporaryDirectory(prefix="postgres-test-") as directory:
-        server = PostgresServer(Path(directory))
-        server.start()
-        try:
-            yield server
-        finally:
-            server.stop()
+    with server_in_temp_dir(PostgresServer, "postgres-test-") as server:
+        yield server

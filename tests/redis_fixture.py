@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from helpers import free_port
+from helpers import end_process, free_port, server_in_temp_dir
 
 INSTALL = "apt-get install -y redis-server"
 
@@ -65,24 +64,14 @@ class RedisServer:
     def stop(self) -> None:
         if self.process is None:
             return
-        self.process.terminate()
-        try:
-            self.process.wait(5)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(5)
+        end_process(self.process)
         self.process = None
 
 
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisServer]:
-    with tempfile.TemporaryDirectory(prefix="redis-test-") as directory:
-        server = RedisServer(Path(directory))
-        server.start()
-        try:
-            yield server
-        finally:
-            server.stop()
+    with server_in_temp_dir(RedisServer, "redis-test-") as server:
+        yield server
 
 
 @pytest.fixture

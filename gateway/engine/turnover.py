@@ -49,10 +49,6 @@ class CreatesFirst:
         self._dispatcher: threading.Thread | None = None
         self._closed = False
 
-    @property
-    def owed(self) -> int:
-        return self._owed
-
     def owe(self) -> None:
         """A job was handed a slot: its create is owed."""
         with self._lock:
